@@ -1,0 +1,1 @@
+"""longconv kernels: sequence ops that know nothing of language models."""

@@ -1,0 +1,5 @@
+"""Causal long convolution y = k ∗ u (+ D ⊙ u), with optional gates; see `kernels.fftconv.api`."""
+
+from kernels.fftconv.api import IMPLEMENTATIONS, FFTConvError, fftconv, validate
+
+__all__ = ["fftconv", "FFTConvError", "IMPLEMENTATIONS", "validate"]
