@@ -62,7 +62,9 @@ def test_filter_parameters_get_their_own_group():
     groups = {path: group for path, _, _, group in rows}
     assert groups["embed/embedding"] == "decay"
     assert any(group == "filter" and "mixer" in path for path, group in groups.items())
-    assert all(group == "no_decay" for path, group in groups.items() if path.endswith(("bias", "scale")))
+    assert groups["blocks/0/mixer/filter/freq"] == "filter"
+    assert all(group == "no_decay" for path, group in groups.items()
+               if path.endswith(("bias", "scale")) and "/filter/" not in path)
 
 
 def test_hybrid_layer_mixers():
