@@ -1,11 +1,19 @@
 """Public causal long-convolution op: validation and implementation dispatch.
 
-    y = fftconv(u, k, bias, pre_gate=..., post_gate=..., impl="auto")
+    y = fftconv(u, k, bias, pre_gate=..., post_gate=..., freq_mask=None, impl="auto")
 
 Layout: u (B, L, H) in bf16/fp16/fp32; k (K, H) with 1 <= K <= L (K < L is a partial filter);
 bias (H,) the D skip; gates (B, L, H). Computes, in fp32,
     y = post ⊙ (k ∗ (pre ⊙ u) + bias ⊙ (pre ⊙ u)),   (k ∗ x)_t = Σ_{s<=min(t, K-1)} k_s x_{t-s},
 and returns u's dtype. Bad shapes, dtypes and lengths raise `FFTConvError` naming the problem.
+
+Implementations (all compute the same function; see kernels/fftconv/conv.py and monarch.py):
+  "xla"         jnp.fft rfft/irfft with zero padding (fp32);
+  "xla-matmul"  the FFT written as 2-4 stages of small DFT-matrix matmuls + twiddles (plain XLA);
+  "pallas"      the same factorisation as a fused Pallas kernel (interpret mode on CPU).
+Modes: K < L is a partial filter (block-Toeplitz chunking when K <= L/4 on the matmul impls);
+`freq_mask` (static (G0, G1) bool block mask) keeps only some frequency blocks of the plan's FFT:
+y = Re IFFT(FFT(x) FFT(k) M) with M = monarch.expand_freq_mask(freq_mask, N), N = monarch.fft_size(L+K-1).
 """
 
 from __future__ import annotations
@@ -15,6 +23,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from kernels.fftconv import conv as _conv
+from kernels.fftconv import monarch as _monarch
 from kernels.fftconv.reference import fftconv_xla
 
 
@@ -24,8 +34,27 @@ class FFTConvError(ValueError):
 
 _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-# name -> implementation with the signature of `fftconv_xla`.
-IMPLEMENTATIONS: dict[str, Callable] = {"xla": fftconv_xla}
+
+
+def _xla(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None):
+    if freq_mask is None:
+        return fftconv_xla(u, k, bias, pre_gate, post_gate)
+    return _conv.fftconv_xla_masked(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask)
+
+
+def _xla_matmul(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None):
+    return _conv.fftconv_matmul(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, impl="xla-matmul")
+
+
+def _pallas(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None):
+    return _conv.fftconv_matmul(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, impl="pallas")
+
+
+# name -> implementation with the signature of `fftconv_xla` plus keyword-only `freq_mask`.
+IMPLEMENTATIONS: dict[str, Callable] = {"xla": _xla, "xla-matmul": _xla_matmul, "pallas": _pallas}
+
+# Pallas is chosen by "auto" on GPU only for FFT sizes up to this (the fused single-kernel plans).
+PALLAS_AUTO_MAX_FFT = 4096
 
 
 def _check_float(name: str, x, allowed=_INPUT_DTYPES) -> None:
@@ -34,7 +63,7 @@ def _check_float(name: str, x, allowed=_INPUT_DTYPES) -> None:
         raise FFTConvError(f"fftconv: {name} has dtype {x.dtype}; expected one of {names}")
 
 
-def validate(u, k, bias=None, pre_gate=None, post_gate=None) -> None:
+def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None) -> None:
     """Raise FFTConvError unless the arguments have the documented shapes and dtypes."""
     if getattr(u, "ndim", None) != 3:
         raise FFTConvError(f"fftconv: u must have shape (batch, length, channels); got shape {jnp.shape(u)}")
@@ -63,18 +92,48 @@ def validate(u, k, bias=None, pre_gate=None, post_gate=None) -> None:
             _check_float(name, gate)
             if gate.shape != u.shape:
                 raise FFTConvError(f"fftconv: {name} must have u's shape {u.shape}; got {gate.shape}")
+    fft_n = _monarch.fft_size(seqlen + ksize - 1)
+    if fft_n > _monarch.MAX_FFT_SIZE:
+        raise FFTConvError(f"fftconv: L + K - 1 = {seqlen + ksize - 1} needs an FFT larger than {_monarch.MAX_FFT_SIZE}")
+    if freq_mask is not None:
+        if isinstance(freq_mask, jax.core.Tracer):
+            raise FFTConvError("fftconv: freq_mask must be a concrete (NumPy) boolean array, not a traced value")
+        try:
+            _conv._check_mask(freq_mask, seqlen, ksize)
+        except ValueError as err:
+            n, f0, fl = _monarch.freq_grid(seqlen, ksize)
+            raise FFTConvError(f"fftconv: {err} (L={seqlen}, K={ksize}: N={n}, grid ({f0}, {fl}))") from None
 
 
-def default_impl(seqlen: int, backend: str | None = None) -> str:
-    """The implementation `impl="auto"` picks for this backend and length."""
+def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = None) -> str:
+    """The implementation `impl="auto"` picks for this backend and length.
+
+    CPU/TPU and anything else: "xla" (on CPU the Pallas kernel only runs interpreted, and the
+    matmul factorisation does O(N·Σf) work against pocketfft's O(N log N)). GPU: "pallas" for FFT
+    sizes N <= PALLAS_AUTO_MAX_FFT, where the whole conv is one fused kernel (u, gates read once,
+    y written once, vs ~6 HBM round trips of pad/rfft/multiply/irfft/slice/gate); beyond that the
+    outer stage goes through HBM anyway and cuFFT is kept. This is a design rule, NOT a measurement:
+    no GPU was available when it was written; re-tune it with `longconv bench` on the target GPU.
+    """
+    backend = backend or jax.default_backend()
+    if backend == "gpu":
+        n = _monarch.fft_size(seqlen + (seqlen if ksize is None else ksize) - 1)
+        if n <= PALLAS_AUTO_MAX_FFT:
+            return "pallas"
     return "xla"
 
 
-def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, impl: str = "auto"):
-    """Causal long convolution (see module docstring). ``impl``: "auto" or a key of IMPLEMENTATIONS."""
-    validate(u, k, bias, pre_gate, post_gate)
+def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, impl: str = "auto"):
+    """Causal long convolution (see module docstring). ``impl``: "auto" or a key of IMPLEMENTATIONS.
+
+    ``freq_mask``: None (dense) or a static boolean (G0, G1) block mask over the plan's frequency grid
+    (`kernels.fftconv.monarch.freq_grid(L, K)` gives (N, f0, f_last); G0 | f0, G1 | f_last).
+    """
+    validate(u, k, bias, pre_gate, post_gate, freq_mask)
     if impl == "auto":
-        impl = default_impl(u.shape[1], jax.default_backend())
+        impl = default_impl(u.shape[1], jax.default_backend(), k.shape[0])
     if impl not in IMPLEMENTATIONS:
         raise FFTConvError(f"fftconv: unknown impl {impl!r}; choose 'auto' or one of {sorted(IMPLEMENTATIONS)}")
-    return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate)
+    if freq_mask is None:
+        return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate)
+    return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate, freq_mask=freq_mask)
