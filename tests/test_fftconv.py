@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kernels.fftconv import FFTConvError, fftconv, validate
+from kernels.fftconv import api
 from kernels.fftconv.api import default_impl
 from kernels.fftconv.reference import direct_causal_conv_np, next_power_of_two
 
@@ -63,9 +64,11 @@ def test_fp16_inputs_and_mixed_filter_dtype():
     assert rel_l2(y, direct_causal_conv_np(np.float32(u), k)) < 5e-3
 
 
-def test_auto_is_xla_on_cpu_and_rule_on_gpu():
+def test_auto_is_xla_on_cpu_and_rule_on_gpu(monkeypatch):
     assert default_impl(4096, "cpu") == "xla"
     assert default_impl(4096, "tpu") == "xla"
+    assert default_impl(2048, "gpu") == "xla"  # Pallas on GPU is opt-in until measured there
+    monkeypatch.setattr(api, "PALLAS_AUTO_MAX_FFT", 4096)
     assert default_impl(2048, "gpu") == "pallas"  # N = 4096: fused kernel
     assert default_impl(2048, "gpu", ksize=1) == "pallas"
     assert default_impl(8192, "gpu") == "xla"

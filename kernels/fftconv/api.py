@@ -18,6 +18,8 @@ y = Re IFFT(FFT(x) FFT(k) M) with M = monarch.expand_freq_mask(freq_mask, N), N 
 
 from __future__ import annotations
 
+import os
+
 from typing import Callable
 
 import jax
@@ -53,8 +55,11 @@ def _pallas(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None):
 # name -> implementation with the signature of `fftconv_xla` plus keyword-only `freq_mask`.
 IMPLEMENTATIONS: dict[str, Callable] = {"xla": _xla, "xla-matmul": _xla_matmul, "pallas": _pallas}
 
-# Pallas is chosen by "auto" on GPU only for FFT sizes up to this (the fused single-kernel plans).
-PALLAS_AUTO_MAX_FFT = 4096
+# "auto" picks Pallas on GPU for FFT sizes up to this (the fused single-kernel plans). 0 = never:
+# the kernel has only run in interpret mode (no GPU was lent when it was written), so it stays opt-in
+# (impl="pallas") until `longconv bench` on a GPU shows it compiles and wins. Override with the
+# environment variable LONGCONV_PALLAS_AUTO_MAX_FFT (e.g. 4096) to opt in globally.
+PALLAS_AUTO_MAX_FFT = int(os.environ.get("LONGCONV_PALLAS_AUTO_MAX_FFT", "0"))
 
 
 def _check_float(name: str, x, allowed=_INPUT_DTYPES) -> None:
@@ -112,8 +117,8 @@ def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = No
     matmul factorisation does O(N·Σf) work against pocketfft's O(N log N)). GPU: "pallas" for FFT
     sizes N <= PALLAS_AUTO_MAX_FFT, where the whole conv is one fused kernel (u, gates read once,
     y written once, vs ~6 HBM round trips of pad/rfft/multiply/irfft/slice/gate); beyond that the
-    outer stage goes through HBM anyway and cuFFT is kept. This is a design rule, NOT a measurement:
-    no GPU was available when it was written; re-tune it with `longconv bench` on the target GPU.
+    outer stage goes through HBM anyway and cuFFT is kept. This is a design rule, NOT a measurement,
+    and it is off by default (PALLAS_AUTO_MAX_FFT = 0) until measured on a GPU with `longconv bench`.
     """
     backend = backend or jax.default_backend()
     if backend == "gpu":
