@@ -21,13 +21,16 @@ which `nnx.state(m, nnx.Param)` and hence the optimizer never see.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lm.config import ConfigError
 from lm.params import FilterParam
 
 
@@ -86,6 +89,49 @@ class FilterLinear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...]
         return y
+
+
+@dataclasses.dataclass
+class ImplicitFilterOptions:
+    """Options of `HyenaImplicitFilter` shared by the Hyena-family mixer configs (safari defaults).
+
+    filter_order: MLP width; emb_dim: positional features (odd, >= 3); num_inner_mlps: hidden
+    Linear+sin layers after the first; w: sine frequency init; train_freq / train_pos_emb: whether ω / z
+    are trainable; modulate, fast_decay_pct, slow_decay_pct, target, shift: exponential window;
+    normalized: L1-normalise over channels; filter_init: "torch" (PyTorch Linear default) | "normal".
+    """
+
+    filter_order: int = 64
+    emb_dim: int = 33
+    num_inner_mlps: int = 2
+    w: float = 14.0
+    train_freq: bool = True
+    train_pos_emb: bool = True
+    modulate: bool = True
+    fast_decay_pct: float = 0.3
+    slow_decay_pct: float = 1.5
+    target: float = 1e-2
+    shift: float = 0.0
+    normalized: bool = False
+    filter_init: Literal["torch", "normal"] = "torch"
+
+    def validate_filter(self, mixer: str) -> None:
+        """Raise ConfigError (prefixed with the mixer name) for invalid filter options."""
+        if self.emb_dim < 3 or self.emb_dim % 2 == 0:
+            raise ConfigError(f"{mixer}: emb_dim must be odd and >= 3 (emb_dim = 2K+1), got {self.emb_dim}")
+        if self.filter_order < 1 or self.num_inner_mlps < 0:
+            raise ConfigError(f"{mixer}: filter_order must be >= 1 and num_inner_mlps >= 0")
+        if self.filter_init not in ("torch", "normal"):
+            raise ConfigError(f"{mixer}: filter_init must be 'torch' or 'normal', got {self.filter_init!r}")
+
+    def build_filter(self, channels: int, l_max: int, rngs: nnx.Rngs) -> "HyenaImplicitFilter":
+        """The implicit filter with these options, (L, channels) output."""
+        return HyenaImplicitFilter(
+            channels, l_max, emb_dim=self.emb_dim, width=self.filter_order, num_inner_mlps=self.num_inner_mlps,
+            w=self.w, train_freq=self.train_freq, train_pos_emb=self.train_pos_emb, modulate=self.modulate,
+            fast_decay_pct=self.fast_decay_pct, slow_decay_pct=self.slow_decay_pct, target=self.target,
+            shift=self.shift, normalized=self.normalized, init=self.filter_init, rngs=rngs,
+        )
 
 
 class HyenaImplicitFilter(nnx.Module):

@@ -33,40 +33,23 @@ from flax import nnx
 
 from kernels.fftconv import fftconv
 from lm.config import ConfigError
-from lm.mixers.filters import HyenaImplicitFilter
+from lm.mixers.filters import ImplicitFilterOptions
 from lm.mixers.layers import ShortConv, check_seqlen, dense, out_proj_std
 from lm.mixers.registry import register_mixer
 
 
 @dataclasses.dataclass
-class HyenaConfig:
+class HyenaConfig(ImplicitFilterOptions):
     """Hyena options (defaults: safari Pile LM, `configs/experiment/pile/hyena.yaml`).
 
     order: see module docstring; convention: "safari" | "paper"; short_filter_order: length of the
-    depthwise short conv; filter_order: implicit-filter MLP width; emb_dim: positional features
-    (odd, ≥ 3); num_inner_mlps: hidden Linear+sin layers after the first; w: sine frequency init;
-    train_freq / train_pos_emb: whether ω / z are trainable; modulate, fast_decay_pct, slow_decay_pct,
-    target, shift: exponential window; normalized: L1-normalise the filter over channels;
-    filter_init: "torch" (PyTorch Linear default) | "normal" (N(0, 0.02²)); dropout: on conv inputs;
-    init_std: std of in_proj (out_proj uses init_std/√(2·n_layers)).
+    depthwise short conv; dropout: on conv inputs; init_std: std of in_proj (out_proj uses
+    init_std/√(2·n_layers)). Implicit-filter options: see `ImplicitFilterOptions`.
     """
 
     order: int = 2
     convention: Literal["safari", "paper"] = "safari"
     short_filter_order: int = 3
-    filter_order: int = 64
-    emb_dim: int = 33
-    num_inner_mlps: int = 2
-    w: float = 14.0
-    train_freq: bool = True
-    train_pos_emb: bool = True
-    modulate: bool = True
-    fast_decay_pct: float = 0.3
-    slow_decay_pct: float = 1.5
-    target: float = 1e-2
-    shift: float = 0.0
-    normalized: bool = False
-    filter_init: Literal["torch", "normal"] = "torch"
     dropout: float = 0.0
     init_std: float = 0.02
 
@@ -78,14 +61,9 @@ class HyenaConfig:
             raise ConfigError(
                 f"hyena: order must be >= {min_order} for convention {self.convention!r}, got {self.order}"
             )
-        if self.emb_dim < 3 or self.emb_dim % 2 == 0:
-            raise ConfigError(f"hyena: emb_dim must be odd and >= 3 (emb_dim = 2K+1), got {self.emb_dim}")
+        self.validate_filter("hyena")
         if self.short_filter_order < 1:
             raise ConfigError(f"hyena: short_filter_order must be >= 1, got {self.short_filter_order}")
-        if self.filter_order < 1 or self.num_inner_mlps < 0:
-            raise ConfigError("hyena: filter_order must be >= 1 and num_inner_mlps >= 0")
-        if self.filter_init not in ("torch", "normal"):
-            raise ConfigError(f"hyena: filter_init must be 'torch' or 'normal', got {self.filter_init!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"hyena: dropout must be in [0, 1), got {self.dropout}")
 
@@ -111,13 +89,7 @@ class Hyena(nnx.Module):
         width = (cfg.order + 1) * d_model
         self.in_proj = dense(d_model, width, dtype=dtype, rngs=rngs, std=cfg.init_std)
         self.short_conv = ShortConv(width, cfg.short_filter_order, dtype=dtype, rngs=rngs)
-        self.filter = HyenaImplicitFilter(
-            self.n_filters * d_model, max_len, emb_dim=cfg.emb_dim, width=cfg.filter_order,
-            num_inner_mlps=cfg.num_inner_mlps, w=cfg.w, train_freq=cfg.train_freq,
-            train_pos_emb=cfg.train_pos_emb, modulate=cfg.modulate, fast_decay_pct=cfg.fast_decay_pct,
-            slow_decay_pct=cfg.slow_decay_pct, target=cfg.target, shift=cfg.shift, normalized=cfg.normalized,
-            init=cfg.filter_init, rngs=rngs,
-        )
+        self.filter = cfg.build_filter(self.n_filters * d_model, max_len, rngs)
         self.bias = nnx.Param(jax.random.normal(rngs.params(), (self.n_filters * d_model,), jnp.float32))
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.out_proj = dense(d_model, d_model, dtype=dtype, rngs=rngs, std=out_proj_std(n_layers, cfg.init_std))

@@ -19,48 +19,31 @@ N = d_model / M, so MAD's "heads 16, head state 2" is not our num_heads=16 unles
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from lm.config import ConfigError
-from lm.mixers.filters import HyenaImplicitFilter
+from lm.mixers.filters import ImplicitFilterOptions
 from lm.mixers.layers import ShortConv, check_seqlen, dense, headwise_outer_conv, out_proj_std
 from lm.mixers.registry import register_mixer
 
 
 @dataclasses.dataclass
-class MultiHyenaConfig:
-    """num_heads: M (number of filters; head size N = d_model/M). Filter options as `HyenaConfig`."""
+class MultiHyenaConfig(ImplicitFilterOptions):
+    """num_heads: M (number of filters; head size N = d_model/M). Filter options: `ImplicitFilterOptions`."""
 
     num_heads: int = 16
     short_filter_order: int = 3
-    filter_order: int = 64
-    emb_dim: int = 33
-    num_inner_mlps: int = 2
-    w: float = 14.0
-    train_freq: bool = True
-    train_pos_emb: bool = True
-    modulate: bool = True
-    fast_decay_pct: float = 0.3
-    slow_decay_pct: float = 1.5
-    target: float = 1e-2
-    shift: float = 0.0
-    normalized: bool = False
-    filter_init: Literal["torch", "normal"] = "torch"
     init_std: float = 0.02
 
     def validate(self) -> None:
         if self.num_heads < 1:
             raise ConfigError(f"multihyena: num_heads must be >= 1, got {self.num_heads}")
-        if self.emb_dim < 3 or self.emb_dim % 2 == 0:
-            raise ConfigError(f"multihyena: emb_dim must be odd and >= 3 (emb_dim = 2K+1), got {self.emb_dim}")
+        self.validate_filter("multihyena")
         if self.short_filter_order < 1:
             raise ConfigError(f"multihyena: short_filter_order must be >= 1, got {self.short_filter_order}")
-        if self.filter_init not in ("torch", "normal"):
-            raise ConfigError(f"multihyena: filter_init must be 'torch' or 'normal', got {self.filter_init!r}")
 
 
 @register_mixer("multihyena", MultiHyenaConfig, "Multi-head Hyena: per-head k⊗v convolved with one shared filter")
@@ -77,12 +60,7 @@ class MultiHyena(nnx.Module):
         self.num_heads, self.head_size = cfg.num_heads, d_model // cfg.num_heads
         self.in_proj = dense(d_model, 3 * d_model, dtype=dtype, rngs=rngs, std=cfg.init_std)
         self.short_conv = ShortConv(3 * d_model, cfg.short_filter_order, dtype=dtype, rngs=rngs)
-        self.filter = HyenaImplicitFilter(
-            cfg.num_heads, max_len, emb_dim=cfg.emb_dim, width=cfg.filter_order, num_inner_mlps=cfg.num_inner_mlps,
-            w=cfg.w, train_freq=cfg.train_freq, train_pos_emb=cfg.train_pos_emb, modulate=cfg.modulate,
-            fast_decay_pct=cfg.fast_decay_pct, slow_decay_pct=cfg.slow_decay_pct, target=cfg.target,
-            shift=cfg.shift, normalized=cfg.normalized, init=cfg.filter_init, rngs=rngs,
-        )
+        self.filter = cfg.build_filter(cfg.num_heads, max_len, rngs)
         self.bias = nnx.Param(jax.random.normal(rngs.params(), (cfg.num_heads,), jnp.float32))
         self.out_proj = dense(d_model, d_model, dtype=dtype, rngs=rngs, std=out_proj_std(n_layers, cfg.init_std))
 
