@@ -1,0 +1,80 @@
+"""`longconv eval --run DIR`: validation loss, perplexity and bits per byte/char of a trained run.
+
+    longconv eval --run runs/ts_hyena                 # latest checkpoint, whole validation split
+    longconv eval --run runs/ts_hyena --step 500 --max-batches 20 --json
+
+Uses the run's own config and tokenizer (`lm.checkpoint.load_run`) and the data layer's validation
+split (``data.val_split`` or the held-out tail), evaluated on a single device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def evaluate_run(run_dir, step: int | None = None, max_batches: int | None = None) -> dict:
+    """{"step", "loss", "ppl", "tokens", "bits_per_byte"?, "bits_per_char"?} for ``run_dir``."""
+    from lm.checkpoint import load_run
+    from lm.data import build_data
+    from lm.train import _resolve_path
+
+    cfg, model, tokenizer, step = load_run(run_dir, step)
+    data_cfg = cfg.data
+    data_cfg.source = _resolve_path(data_cfg.source)
+    data = build_data(data_cfg, tokenizer=tokenizer)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def batch_loss(state, inputs, targets, mask):
+        m = nnx.merge(graphdef, state)
+        losses = optax.softmax_cross_entropy_with_integer_labels(m(inputs), targets)
+        return (losses * mask).sum(), mask.sum()
+
+    total = count = 0.0
+    for i, batch in enumerate(data.val_batches(max_batches=max_batches or None, pad=True)):
+        s, c = batch_loss(state, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]),
+                          jnp.asarray(batch["mask"]))
+        total, count = total + float(s), count + float(c)
+    if count == 0:
+        raise ValueError(f"run {run_dir} has no validation data (data.val_fraction=0 and no data.val_split)")
+    loss = total / count
+    out = {"step": step, "loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(count)}
+    if data.val_bytes_per_token:
+        out["bits_per_byte"] = loss / math.log(2) / data.val_bytes_per_token
+    if data.val_chars_per_token:
+        out["bits_per_char"] = loss / math.log(2) / data.val_chars_per_token
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", required=True, help="run directory (from `longconv train`)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--max-batches", type=int, default=None, help="evaluate at most this many batches")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args: argparse.Namespace) -> int:
+    from lm.checkpoint import CheckpointError
+    from lm.config import ConfigError
+    from lm.data import DataError
+
+    try:
+        out = evaluate_run(args.run, args.step, args.max_batches)
+    except (CheckpointError, ConfigError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(out))
+    else:
+        extra = "".join(f", {k.replace('_', ' ')} {out[k]:.4f}" for k in ("bits_per_byte", "bits_per_char") if k in out)
+        print(f"{args.run} step {out['step']}: val loss {out['loss']:.4f} nats/token, ppl {out['ppl']:.3f}{extra} "
+              f"({out['tokens']:,} tokens)")
+    return 0

@@ -1,0 +1,261 @@
+"""End-to-end trainer tests on a generated corpus with a tiny model (CPU, a few seconds each)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from lm.checkpoint import CheckpointError, host_copy, load_run
+from lm.config import ConfigError
+from lm.data import DataError
+from lm.tracking import read_metrics
+from lm.train import NonFiniteError, Trainer, load_train_config, train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+WORDS = "the cat sat on a mat and then ran far away from big dog who was not so kind to it".split()
+
+
+def make_corpus(path: pathlib.Path, n_words: int = 4000, seed: int = 0) -> pathlib.Path:
+    rng = np.random.default_rng(seed)
+    # A learnable source: mostly a fixed cycle of words with some random substitutions.
+    words = [WORDS[i % len(WORDS)] if rng.random() < 0.8 else WORDS[rng.integers(len(WORDS))]
+             for i in range(n_words)]
+    lines = [" ".join(words[i:i + 12]) for i in range(0, n_words, 12)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> pathlib.Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt")
+
+
+def tiny(corpus, mixer="attention", **over) -> dict:
+    mixers = {"attention": {"name": "attention", "num_heads": 2},
+              "hyena": {"name": "hyena", "filter_order": 8, "emb_dim": 3}}
+    cfg = {
+        "model": {"d_model": 32, "n_layers": 1, "max_len": 16, "mixer": mixers[mixer], "mlp_ratio": 2.0},
+        "data": {"source": str(corpus), "tokenizer": {"kind": "char"}, "block_size": 16, "batch_size": 8,
+                 "val_fraction": 0.1},
+        "optimizer": {"lr": 1e-2, "warmup_steps": 2},
+        "trainer": {"steps": 20, "eval_every": 10, "eval_steps": 2, "checkpoint_every": 10, "log_every": 5,
+                    "progress": False, "async_checkpointing": False},
+    }
+    for key, value in over.items():
+        node = cfg
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return cfg
+
+
+def run(cfg: dict, run_dir, max_steps=None, hooks=()):
+    trainer = Trainer(load_train_config(base=cfg), run_dir, hooks=hooks)
+    try:
+        result = trainer.fit(max_steps=max_steps)
+        params = host_copy(trainer.state)
+    finally:
+        trainer.close()
+    return result, params
+
+
+def losses(run_dir) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir, "train")]
+
+
+def max_diff(a, b) -> float:
+    return max(float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def snapshot(ckpt_dir: pathlib.Path) -> dict[str, float]:
+    return {str(p.relative_to(ckpt_dir)): p.stat().st_mtime for p in ckpt_dir.rglob("*") if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def test_loss_falls_and_run_dir_layout(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    result, _ = run(tiny(corpus, **{"trainer.steps": 30, "trainer.keep_checkpoints": 2}), run_dir)
+    ls = losses(run_dir)
+    assert ls[-1] < ls[0] - 0.5, ls
+    assert result["eval"]["loss"] < 3.0 and "bits_per_char" in result["eval"]
+    for name in ("config.yaml", "metrics.jsonl", "tokenizer/tokenizer.json"):
+        assert (run_dir / name).is_file(), name
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [20, 30]
+
+    # load_run gives the trained model back.
+    cfg, model, tokenizer, step = load_run(run_dir)
+    assert step == 30 and tokenizer.vocab_size == cfg.model.vocab_size
+    tokens = np.asarray([tokenizer.encode("the cat sat on a")[:16]], np.int32)
+    assert np.isfinite(np.asarray(model(tokens))).all()
+
+    # `longconv eval --run DIR` uses the same pieces.
+    from lm.cli import main as cli_main
+
+    assert cli_main(["eval", "--run", str(run_dir), "--max-batches", "2"]) == 0
+
+
+def test_exact_resume_matches_straight_run(corpus, tmp_path):
+    """2N steps straight == N steps, stop, `longconv train` on the run dir (resumes) for N more."""
+    import yaml
+
+    from lm.cli import main as cli_main
+
+    cfg = tiny(corpus, "hyena", **{"model.dropout": 0.1, "trainer.steps": 8, "trainer.log_every": 1,
+                                   "trainer.checkpoint_every": 0, "trainer.eval_every": 0, "data.val_fraction": 0.0})
+    run(cfg, tmp_path / "a")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    b = tmp_path / "b"
+    assert cli_main(["train", "--config", str(cfg_file), "--run-dir", str(b), "--stop-at", "4"]) == 0
+    assert [p.name for p in (b / "checkpoints").iterdir() if p.name.isdigit()] == ["4"]
+    assert cli_main(["train", "--run-dir", str(b)]) == 0  # resumes at step 4 with the run's config.yaml
+    assert [r["step"] for r in read_metrics(b, "train")] == list(range(1, 9))
+    np.testing.assert_allclose(losses(b), losses(tmp_path / "a"), rtol=1e-6, atol=1e-6)
+    # Parameters, AdamW moments, step counters and dropout RNG state all match the straight run.
+    from lm.checkpoint import Checkpointer
+
+    arrays = []
+    for d in (tmp_path / "a", b):
+        ckpt = Checkpointer(d / "checkpoints", read_only=True)
+        arrays.append(ckpt.read_arrays(8))
+        ckpt.close()
+    assert sorted(arrays[0]) == sorted(arrays[1]) and any("rngs" in k for k in arrays[0])
+    for k in arrays[0]:
+        np.testing.assert_allclose(arrays[1][k], arrays[0][k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+def test_grad_accumulation_matches_full_batch(corpus, tmp_path):
+    base = tiny(corpus, **{"trainer.steps": 3, "trainer.eval_every": 0, "trainer.log_every": 1,
+                           "trainer.checkpoint_every": 0, "data.val_fraction": 0.0})
+    _, full = run(base, tmp_path / "full")
+    _, accum = run(tiny(corpus, **{"trainer.steps": 3, "trainer.eval_every": 0, "trainer.log_every": 1,
+                                   "trainer.checkpoint_every": 0, "data.val_fraction": 0.0, "trainer.grad_accum": 2}),
+                   tmp_path / "acc")
+    np.testing.assert_allclose(losses(tmp_path / "acc"), losses(tmp_path / "full"), rtol=1e-5)
+    assert max_diff(full["model"], accum["model"]) < 1e-5
+
+
+def test_eight_devices_match_one_device(corpus, tmp_path):
+    over = {"trainer.steps": 3, "trainer.eval_every": 0, "trainer.log_every": 1, "trainer.checkpoint_every": 0,
+            "data.val_fraction": 0.0}
+    _, one = run(tiny(corpus, **over), tmp_path / "one")
+    cfg8 = tiny(corpus, **over, **{"mesh.data": 4, "mesh.fsdp": 2, "mesh.min_shard_size": 1})
+    script = f"""
+import json, sys, numpy as np, jax
+sys.path.insert(0, {str(REPO)!r})
+from tests.test_train import run
+from lm.checkpoint import flatten
+assert jax.device_count() == 8, jax.device_count()
+_, state = run(json.loads({json.dumps(json.dumps(cfg8))}), {str(tmp_path / 'eight')!r})
+flat = flatten(state["model"])[0]
+np.savez({str(tmp_path / 'eight.npz')!r}, **flat)
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'data': 4, 'fsdp': 2" in proc.stderr
+    np.testing.assert_allclose(losses(tmp_path / "eight"), losses(tmp_path / "one"), rtol=2e-5)
+    from lm.checkpoint import flatten
+
+    eight = np.load(tmp_path / "eight.npz")
+    for k, v in flatten(one["model"])[0].items():
+        np.testing.assert_allclose(eight[k], v, atol=2e-5, err_msg=k)
+
+
+def test_nan_guard_stops_without_overwriting_checkpoints(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+
+    def poison(step, metrics, trainer):  # corrupt the weights after the step-4 checkpoint
+        trainer.state = jax.tree.map(
+            lambda x: x * np.nan if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, trainer.state)
+
+    # (bf16 compute here, to cover trainer.precision: parameters and optimizer state stay fp32)
+    cfg = tiny(corpus, **{"trainer.checkpoint_every": 4, "trainer.log_every": 1, "trainer.eval_every": 0,
+                          "trainer.precision": "bf16", "data.val_fraction": 0.0})
+    with pytest.raises(NonFiniteError, match="non-finite training loss.*step 5.*Last good checkpoint: step 4"):
+        run(cfg, run_dir, hooks=[(poison, 4)])
+    assert [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()] == ["4"]
+    assert all(np.isfinite(losses(run_dir)))  # steps 1-4 were logged, finite
+    from lm.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(run_dir / "checkpoints", read_only=True)
+    saved = ckpt.read_arrays(4)
+    ckpt.close()
+    assert saved["model.embed.embedding"].dtype == np.float32 and np.isfinite(saved["model.embed.embedding"]).all()
+
+
+def test_initialize_from_loads_weights_only(corpus, trained_run, tmp_path):
+    _, src_model, _, src_step = load_run(trained_run)
+    trainer = Trainer(load_train_config(base=tiny(corpus, initialize_from=str(trained_run))), tmp_path / "dst")
+    try:
+        from flax import nnx
+
+        a = host_copy(nnx.state(trainer.model, nnx.Param))
+        b = host_copy(nnx.state(src_model, nnx.Param))
+        assert src_step == 4 and max_diff(a, b) == 0.0
+        assert trainer.step == 0 and int(trainer.state["optimizer"]["step"][...]) == 0
+    finally:
+        trainer.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: clear errors, existing checkpoints untouched.
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    run(tiny(corpus, **{"trainer.steps": 4, "trainer.eval_every": 0, "trainer.checkpoint_every": 2}), run_dir)
+    return run_dir
+
+
+def _bad(tmp_path, name, content: bytes) -> str:
+    p = tmp_path / name
+    p.write_bytes(content)
+    return str(p)
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "utf8", "block", "model"])
+def test_bad_input_fails_clearly_and_keeps_checkpoints(case, corpus, trained_run, tmp_path):
+    before = snapshot(trained_run / "checkpoints")
+    config_before = (trained_run / "config.yaml").read_text()
+    if case == "missing":
+        cfg, err, match = tiny(tmp_path / "nope.txt"), DataError, "nope.txt"
+    elif case == "empty":
+        cfg, err, match = tiny(_bad(tmp_path, "empty.txt", b"")), DataError, "empty"
+    elif case == "utf8":
+        cfg, err, match = tiny(_bad(tmp_path, "bad.txt", b"hello \xff\xfe world\n" * 100)), DataError, "UTF-8"
+    elif case == "block":
+        cfg = tiny(_bad(tmp_path, "short.txt", b"tiny text\n"), **{"data.val_fraction": 0.0})
+        err, match = DataError, "block longer than the corpus"
+    else:  # a checkpoint from another model
+        cfg, err, match = tiny(corpus, **{"model.d_model": 48}), CheckpointError, r"parameter '.*'.*checkpoint has"
+    with pytest.raises(err, match=match):
+        Trainer(load_train_config(base=cfg), trained_run)
+    assert snapshot(trained_run / "checkpoints") == before
+    assert (trained_run / "config.yaml").read_text() == config_before
+
+
+def test_unknown_config_key_is_named(corpus):
+    with pytest.raises(ConfigError, match="trainer.stpes"):
+        load_train_config(base=tiny(corpus), overrides=["trainer.stpes=3"])
+    with pytest.raises(ConfigError, match="optimizer.betas"):
+        load_train_config(base=tiny(corpus, **{"optimizer.betas": [0.9, 0.9]}))
+
+
+def test_shipped_configs_load():
+    for path in sorted((REPO / "configs" / "lm").glob("*.yaml")):
+        load_train_config(path)
