@@ -137,7 +137,7 @@ class TrainConfig:
 @dataclasses.dataclass
 class MQARConfig:
     name: str = "mqar"
-    out_dir: str | None = None  # default results/mqar/<name>
+    out_dir: str | None = None  # default runs/mqar/<name> (committed results live in results/mqar/)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelDefaults = dataclasses.field(default_factory=ModelDefaults)
     mixers: list[MixerRun] = dataclasses.field(default_factory=list)
@@ -503,7 +503,7 @@ def train_run(cfg: MQARConfig, run: Run, train: MQARSplit, test: MQARSplit, *, p
 
 
 def output_dir(cfg: MQARConfig, out: str | None = None) -> pathlib.Path:
-    return pathlib.Path(out or cfg.out_dir or f"results/mqar/{cfg.name}")
+    return pathlib.Path(out or cfg.out_dir or f"runs/mqar/{cfg.name}")
 
 
 def sweep(cfg: MQARConfig, out_dir: str | pathlib.Path, *, progress: bool = True, verbose: bool = False,
