@@ -17,7 +17,12 @@ Dot dimensions are ≥ 16 and powers of two for dense plans (time rows are padde
 two ≥ 16); frequency-sparse plans shrink the k-dimensions to the kept digits, so on GPU choose masks
 that keep a power-of-two number (≥ 16) of rows and of columns. Grid: (batch, channel tiles[, row tiles]); each
 program loops over its channels (and rows) with `lax.fori_loop`. Block shapes keep full trailing
-dims so they are legal for Mosaic too. Only `interpret=True` (CPU) has been run in this project.
+dims so they are legal for Mosaic too.
+
+Backends: only `interpret=True` (CPU) has been run. On GPU the kernels request Triton (jax >= 0.10
+defaults to Mosaic GPU, which rejects them); `tests/test_fftconv_lowering.py` checks on CPU that the
+forward and backward lower for "cuda" (Triton) and "tpu" (Mosaic) through `jax.export`, which proves the
+kernel bodies and block shapes are accepted, not that they compile within a device's limits or run fast.
 """
 
 from __future__ import annotations
@@ -59,6 +64,16 @@ def _pow2_divisor(n: int, cap: int) -> int:
     while t * 2 <= cap and n % (t * 2) == 0:
         t *= 2
     return t
+
+
+def _compiler_params(backend: str | None = None):
+    """Triton on GPU: jax >= 0.10 lowers GPU Pallas through Mosaic GPU by default, where these kernels
+    do not lower (lane-semantics dot_general, shared-memory limits); None elsewhere (TPU Mosaic, CPU)."""
+    if (backend or jax.default_backend()) == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        return pltriton.CompilerParams(num_warps=4, num_stages=1)
+    return None
 
 
 def _full_spec(arr):
@@ -151,6 +166,7 @@ def _conv_fused(x, spec, plan: Plan, pre, post, bias, interpret):
         in_specs=in_specs,
         out_specs=seq_spec(rows_out),
         interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(),
         name="fftconv_fused",
     )(*inputs, *consts)
     return out.reshape(batch, channels, rows_out * f1)[..., : plan.n_out]
@@ -164,9 +180,7 @@ def _conv_fused(x, spec, plan: Plan, pre, post, bias, interpret):
 def _inner_kernel(xr_ref, xi_ref, kr_ref, ki_ref, *refs, ht, rt):
     far, fai, tar, tai, fbr, fbi, gbr, gbi, sar, sai, gar, gai, or_ref, oi_ref = refs
 
-    def body(i, carry):
-        h = i // rt
-        r = i % rt
+    def row(h, r):
         x = (xr_ref[0, h, r], xi_ref[0, h, r])
         a = _cdot((far[...], fai[...]), x)
         a = _cmul(a, (tar[...], tai[...]))
@@ -177,9 +191,16 @@ def _inner_kernel(xr_ref, xi_ref, kr_ref, ki_ref, *refs, ht, rt):
         o = _cdot((gar[...], gai[...]), c)
         or_ref[0, h, r] = o[0]
         oi_ref[0, h, r] = o[1]
-        return carry
 
-    jax.lax.fori_loop(0, ht * rt, body, 0)
+    # Nested loops rather than i // rt, i % rt: Triton's lowering rejects the sign fix-ups of floor division.
+    def channel(h, carry):
+        def row_step(r, c):
+            row(h, r)
+            return c
+
+        return jax.lax.fori_loop(0, rt, row_step, carry)
+
+    jax.lax.fori_loop(0, ht, channel, 0)
 
 
 def _conv_inner(x, spec, plan: Plan, interpret):
@@ -213,6 +234,7 @@ def _conv_inner(x, spec, plan: Plan, interpret):
         in_specs=[data_spec, data_spec, k_spec, k_spec] + [_full_spec(c) for c in consts],
         out_specs=(data_spec, data_spec),
         interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(),
         name="fftconv_inner",
     )(*z, kr, ki, *consts)
     o = tuple(c.reshape(batch, channels, *outer, fa * fb) for c in o)
