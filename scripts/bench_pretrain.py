@@ -121,8 +121,8 @@ def write_readme(results: list[dict], meta: dict, path: pathlib.Path) -> None:
 Produced by `python scripts/bench_pretrain.py {' '.join(meta['argv'])}` on {meta['date']}.
 
 - Machine: {meta['machine']}.
-- The CPU was **shared with other jobs** during the run (load average {meta['load']}), so tokens/s and
-  wall times are indicative only; losses do not depend on it.
+- Load average during the run: {meta['load']} (1/5/15 min). Tokens/s and wall times depend on other
+  jobs on the machine; losses do not (training is deterministic).
 - Data: `../shared/data/tinyshakespeare/input.txt`, char tokenizer (vocab {meta.get('vocab', '?')}), first 90%
   train, last 10% validation; block 64, batch 32; the same token budget for both models.
 - Configs: `configs/lm/tinyshakespeare_hyena.yaml` and `configs/lm/tinyshakespeare_attention.yaml`
@@ -137,7 +137,7 @@ Produced by `python scripts/bench_pretrain.py {' '.join(meta['argv'])}` on {meta
 {verdict} One seed (trainer.seed 0), one token budget; the gap is
 a measurement on this run, not a confidence interval. Tokens/s: the Hyena step (implicit-filter MLP,
 FFT convolutions via `kernels.fftconv`, XLA path on CPU) is slower than attention at block 64 on a
-CPU, where attention's L² cost is tiny; the two runs also saw different CPU contention.
+CPU, where attention's L² cost is tiny.
 
 ![loss curves](loss_curves.png)
 
