@@ -16,7 +16,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 
@@ -24,24 +23,16 @@ def evaluate_run(run_dir, step: int | None = None, max_batches: int | None = Non
     """{"step", "loss", "ppl", "tokens", "bits_per_byte"?, "bits_per_char"?} for ``run_dir``."""
     from lm.checkpoint import load_run
     from lm.data import build_data
-    from lm.train import _resolve_path
+    from lm.train import make_eval_step, resolve_data_paths
 
     cfg, model, tokenizer, step = load_run(run_dir, step)
-    data_cfg = cfg.data
-    data_cfg.source = _resolve_path(data_cfg.source)
-    data = build_data(data_cfg, tokenizer=tokenizer)
+    data = build_data(resolve_data_paths(cfg.data), tokenizer=tokenizer)
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def batch_loss(state, inputs, targets, mask):
-        m = nnx.merge(graphdef, state)
-        losses = optax.softmax_cross_entropy_with_integer_labels(m(inputs), targets)
-        return (losses * mask).sum(), mask.sum()
+    batch_loss = jax.jit(make_eval_step(graphdef))  # the trainer's eval step: masked token-loss sum
 
     total = count = 0.0
-    for i, batch in enumerate(data.val_batches(max_batches=max_batches or None, pad=True)):
-        s, c = batch_loss(state, jnp.asarray(batch["inputs"]), jnp.asarray(batch["targets"]),
-                          jnp.asarray(batch["mask"]))
+    for batch in data.val_batches(max_batches=max_batches or None, pad=True):
+        s, c = batch_loss(state, {k: jnp.asarray(v) for k, v in batch.items()})
         total, count = total + float(s), count + float(c)
     if count == 0:
         raise ValueError(f"run {run_dir} has no validation data (data.val_fraction=0 and no data.val_split)")

@@ -206,19 +206,25 @@ def make_eval_step(graphdef_model):
 # Trainer
 
 
-def _resolve_path(p: str, base: pathlib.Path | None = None) -> str:
+def _resolve_path(p: str) -> str:
     """Relative local paths: as given if they exist from the CWD, else relative to the repo root."""
     if not p or p.startswith("/") or "://" in p:
         return p
     cand = pathlib.Path(p).expanduser()
     if cand.exists():
         return str(cand)
-    repo = pathlib.Path(__file__).resolve().parent.parent
-    for root in ([base] if base else []) + [repo]:
-        alt = root / p
-        if alt.exists():
-            return str(alt)
-    return p
+    alt = pathlib.Path(__file__).resolve().parent.parent / p
+    return str(alt) if alt.exists() else p
+
+
+def resolve_data_paths(data: DataConfig) -> DataConfig:
+    """A copy of ``data`` with its local source / validation / tokenizer paths resolved (`_resolve_path`)."""
+    out = dataclasses.replace(data, source=_resolve_path(data.source))
+    if out.val_split:
+        out.val_split = _resolve_path(out.val_split)
+    if out.tokenizer.path:
+        out.tokenizer = dataclasses.replace(out.tokenizer, path=_resolve_path(out.tokenizer.path))
+    return out
 
 
 class Trainer:
@@ -248,11 +254,7 @@ class Trainer:
                 f"multiple of the data x fsdp mesh size ({div})")
         self.batch_sharding = batch_sharding(self.mesh)
         tok_dir = self.run_dir / "tokenizer"
-        data_cfg = dataclasses.replace(cfg.data, source=_resolve_path(cfg.data.source))
-        if data_cfg.val_split:
-            data_cfg.val_split = _resolve_path(data_cfg.val_split)
-        if data_cfg.tokenizer.path:
-            data_cfg.tokenizer = dataclasses.replace(data_cfg.tokenizer, path=_resolve_path(data_cfg.tokenizer.path))
+        data_cfg = resolve_data_paths(cfg.data)
         if data is None:
             from lm.data import build_data  # the data layer (loader, tokenizer, validation)
 
@@ -324,6 +326,10 @@ class Trainer:
             self.ckpt.close()
             raise
 
+        # Data-loader position matching self.step (the loader runs one batch ahead while a step is in
+        # flight, so checkpoints record this, not the loader's live position).
+        self._data_state = self.data.state()
+
         # Only now write into the run directory.
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -386,18 +392,16 @@ class Trainer:
         self._flush()
         if self.ckpt.latest_step() == self.step:
             return
-        self.ckpt.save(self.step, self.state, {"data": self.data.state(), "n_params": self.n_params})
+        self.ckpt.save(self.step, self.state, {"data": self._data_state, "n_params": self.n_params})
 
     def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
         """Validation loss (nats/token), perplexity and bits per byte / char."""
         max_batches = self.cfg.trainer.eval_steps if max_batches is None else max_batches
-        total, count, n = 0.0, 0.0, 0
+        total = count = 0.0
         with jax.set_mesh(self.mesh):
-            for batch in self.data.val_batches():
+            for batch in self.data.val_batches(max_batches=max_batches or None, pad=True):
                 s, c = self._eval_step(self.state["model"], batch)
-                total, count, n = total + float(s), count + float(c), n + 1
-                if max_batches and n >= max_batches:
-                    break
+                total, count = total + float(s), count + float(c)
         if count == 0:
             return {}
         loss = total / count
@@ -430,8 +434,9 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 while self.step < end:
                     batch = self.data.next_batch()
-                    self.state, metrics = self._train_step(self.state, batch)
-                    self.step += 1
+                    new_state, metrics = self._train_step(self.state, batch)
+                    # One statement: an interrupt never leaves the state, step and data position apart.
+                    self.state, self.step, self._data_state = new_state, self.step + 1, self.data.state()
                     self._pending.append((self.step, metrics))
                     s = self.step
                     if (tc.log_every and s % tc.log_every == 0) or s == end:

@@ -211,6 +211,53 @@ def test_initialize_from_loads_weights_only(corpus, trained_run, tmp_path):
         trainer.close()
 
 
+def test_interrupt_inside_a_step_checkpoints_the_matching_data_position(corpus, tmp_path):
+    """Ctrl-C while step 4 runs (its batch already drawn): the step-3 checkpoint records 3 batches read."""
+    from lm.checkpoint import Checkpointer
+
+    cfg = tiny(corpus, **{"trainer.steps": 8, "trainer.checkpoint_every": 0, "trainer.eval_every": 0,
+                          "data.val_fraction": 0.0})
+    trainer = Trainer(load_train_config(base=cfg), tmp_path / "run")
+    real_step, calls = trainer._train_step, []
+
+    def interrupted_step(state, batch):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(state, batch)
+
+    trainer._train_step = interrupted_step
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit()
+    finally:
+        trainer.close()
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
+    meta = ckpt.read_meta()
+    ckpt.close()
+    assert meta["step"] == 3 and meta["data"]["step"] == 3 and meta["data"]["epoch"] == 0
+
+
+def test_trainer_eval_covers_whole_split_like_longconv_eval(trained_run, tmp_path):
+    """eval_steps=0 evaluates every validation block (the padded last batch too), as `longconv eval`."""
+    import shutil
+
+    from lm.evaluate import evaluate_run
+
+    run_dir = shutil.copytree(trained_run, tmp_path / "run")
+    trainer = Trainer(load_train_config(run_dir / "config.yaml"), run_dir)
+    try:
+        ev = trainer.evaluate(max_batches=0)
+        n_tokens = trainer.data.val.num_blocks * trainer.cfg.data.block_size
+        assert trainer.data.val.num_blocks % trainer.cfg.data.batch_size  # a partial last batch exists
+    finally:
+        trainer.close()
+    ref = evaluate_run(run_dir)
+    assert ev["tokens"] == n_tokens == ref["tokens"]
+    np.testing.assert_allclose(ev["loss"], ref["loss"], rtol=1e-5)
+    np.testing.assert_allclose(ev["bits_per_char"], ref["bits_per_char"], rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input: clear errors, existing checkpoints untouched.
 
