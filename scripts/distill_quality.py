@@ -30,10 +30,9 @@ from flax import nnx  # noqa: E402
 
 def val_batches(cfg, tokenizer, max_batches):
     from lm.data import build_data
-    from lm.train import _resolve_path
+    from lm.train import resolve_data_paths
 
-    cfg.data.source = _resolve_path(cfg.data.source)
-    data = build_data(cfg.data, tokenizer=tokenizer)
+    data = build_data(resolve_data_paths(cfg.data), tokenizer=tokenizer)
     return [{k: np.asarray(v) for k, v in b.items()} for b in data.val_batches(max_batches=max_batches, pad=True)]
 
 
