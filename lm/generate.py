@@ -99,6 +99,9 @@ def generate_ids(decoder, prompt_ids, max_new_tokens: int, sampling: SamplingCon
     total = prompt.shape[1] + max_new_tokens
     if cap is None:
         cap = total
+    elif cap < total:
+        raise GenerateError(f"cap {cap} is smaller than prompt ({prompt.shape[1]}) + max_new_tokens "
+                            f"({max_new_tokens}) = {total}: the caches would overflow")
     limit = decoder.cache_limit()
     if limit is not None and total > limit:
         raise GenerateError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds what "
@@ -114,7 +117,7 @@ def generate_ids(decoder, prompt_ids, max_new_tokens: int, sampling: SamplingCon
     stopped = False
     stop_ids = set(int(s) for s in stop_ids)
     done = np.zeros(prompt.shape[0], bool)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         key, sub = jax.random.split(key)
         tok = sample(sub, last, sampling)
         tok_np = np.asarray(tok)
@@ -123,7 +126,8 @@ def generate_ids(decoder, prompt_ids, max_new_tokens: int, sampling: SamplingCon
         if done.all() or (stop_fn is not None and stop_fn(np.stack(out, 1)[0])):
             stopped = True
             break
-        last, cache = decoder.step(tok, cache)
+        if i + 1 < max_new_tokens:  # the last token's logits are never used
+            last, cache = decoder.step(tok, cache)
     jax.block_until_ready(last)
     t2 = time.perf_counter()
     ids = np.stack(out, 1) if out else np.zeros((prompt.shape[0], 0), np.int32)

@@ -70,6 +70,9 @@ def test_order_selection_target_and_hankel():
     assert rep.order == 4
     params, reports = fit.fit_filters(np.stack([h, h[:]], 1), target=1e-8, candidates=(2, 4, 8))
     assert params.order == 4
+    # max_order itself is tried even when it is not a candidate (`longconv distill`: {1, 2, 4, …, max-order})
+    _, _, _, rep = fit.fit_filter(h, target=1e-8, candidates=(1, 2, 8), max_order=5)
+    assert rep.requested_order == 5 and rep.order == 4 and rep.rel_error < 1e-8
 
 
 def test_refinement_improves_and_keeps_stability():

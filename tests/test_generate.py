@@ -153,6 +153,38 @@ def test_sampling_filters():
     assert p[1] > 0.6
 
 
+class _ConstantDecoder:
+    """A fake decoder whose logits always favour token 2; counts prefill/step calls."""
+
+    mode = "fake"
+
+    def __init__(self):
+        self.steps, self.caps = 0, []
+
+    def cache_limit(self):
+        return None
+
+    def prefill(self, prompt, cap):
+        self.caps.append(cap)
+        return jnp.zeros(prompt.shape + (5,)).at[..., 2].set(1.0), {}
+
+    def step(self, tok, cache):
+        self.steps += 1
+        return jnp.zeros((tok.shape[0], 5)).at[:, 2].set(1.0), cache
+
+
+def test_generate_ids_budget_steps_and_stop():
+    dec = _ConstantDecoder()
+    out = generate_ids(dec, [1, 1], 4, SamplingConfig(temperature=0))
+    assert out["ids"].tolist() == [[2, 2, 2, 2]] and not out["stopped"]
+    assert dec.caps == [6] and dec.steps == 3  # no wasted step after the last token
+    dec = _ConstantDecoder()
+    out = generate_ids(dec, [1], 4, SamplingConfig(temperature=0), stop_ids=(2,))
+    assert out["ids"].tolist() == [[2]] and out["stopped"] and dec.steps == 0
+    with pytest.raises(GenerateError, match="cap 5 is smaller"):  # would overflow the caches silently
+        generate_ids(_ConstantDecoder(), [1, 1], 4, cap=5)
+
+
 def test_bad_inputs():
     lm_attn = tiny_lm({"name": "attention", "num_heads": 2})
     with pytest.raises(DistillError, match="no long filters"):

@@ -226,6 +226,7 @@ def test_resume_skips_finished(tmp_path, monkeypatch):
     # pretend the first learning rate finished in an earlier (interrupted) sweep
     runner.append_result(out / "results.jsonl", fake_train_run(cfg, runs[0], None, None))
     with (out / "results.jsonl").open("a") as f:
+        f.write('[1, 2]\n')  # valid JSON that is not a record is skipped, not a crash
         f.write('{"key": "trunc')  # a half-written line from a killed process is ignored
     calls.clear()
     recs = runner.sweep(cfg, out, progress=False)

@@ -12,8 +12,8 @@ Pipeline per filter (float64 NumPy, then an optional optax refinement in fp32):
 4. Gradient refinement (optax Adam) of the relative squared error with the stable parameterisation
    λ = exp(-exp(ν)) e^{iθ}; a channel keeps the refined fit only if it improved.
 
-Order selection: a fixed ``order``; or ``target`` (smallest order in ``candidates`` whose relative ℓ2
-error ≤ target); or ``hankel_tol`` (smallest order with σ_{2d+1}/σ_1 ≤ tol). Modes a filter does not
+Order selection: a fixed ``order``; or ``target`` (smallest order in ``candidates`` up to ``max_order``,
+plus ``max_order`` itself, whose relative ℓ2 error ≤ target; the largest if none reaches it); or ``hankel_tol`` (smallest order with σ_{2d+1}/σ_1 ≤ tol). Modes a filter does not
 need are padded with zero residues so that a layer's bank has one order.
 """
 
@@ -177,7 +177,7 @@ class FilterReport:
     channel: int
     order: int  # complex modes actually used (before padding); <= requested_order
     rel_error: float  # relative ℓ2 error of the whole filter (tap 0 is exact)
-    hankel_next: float  # σ_{2·order+1}, first neglected Hankel singular value (lower bound on H∞ error)
+    hankel_next: float  # σ_{2·requested_order+1}, first neglected Hankel singular value (H∞ error lower bound)
     hankel_first: float  # σ_1
     l1_error: float  # ‖h − ĥ‖₁: bound on |y − ŷ| per unit ‖x‖∞
     refined: bool = False
@@ -214,8 +214,8 @@ def fit_filter(h, order: int | None = None, *, target: float | None = None, hank
         d = next((d for d in range(1, cap + 1) if (2 * d >= len(sv) or ratio[2 * d] <= hankel_tol)), cap)
         orders = [d]
     elif target is not None:
-        cap = max_order or max(candidates)
-        orders = sorted({_check_order(c) for c in candidates if c <= cap}) or [_check_order(cap)]
+        cap = _check_order(max_order or max(candidates))
+        orders = sorted({_check_order(c) for c in candidates if c <= cap} | {cap})
     else:
         raise DistillError("give an order, a target relative error, or a hankel_tol")
     best = None

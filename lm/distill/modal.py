@@ -280,8 +280,7 @@ def prefill_fft(params: ModalParams, x) -> ModalState:
     for plane in (p_re, p_im):
         k_f = jnp.fft.rfft(plane, n=n, axis=-1)  # (C, d, F)
         y_f = jnp.einsum("bfc,cdf->bcdf", x_f, k_f)
-        # only index T-1 of the inverse is needed: evaluate that single output of the irfft directly
-        y = jnp.fft.irfft(y_f, n=n, axis=-1)[..., t_len - 1]
+        y = jnp.fft.irfft(y_f, n=n, axis=-1)[..., t_len - 1]  # only index T-1 of the conv is the state
         out.append(y)
     return ModalState(out[0], out[1])
 

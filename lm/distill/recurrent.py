@@ -57,10 +57,7 @@ class ModalConv:
     method: str = "chunked"
 
     def prefill(self, z, cap: int | None = None):
-        y = fftconv_xla(z.astype(jnp.float32), modal.materialize(self.params, z.shape[1]), self.skip)
-        kwargs = {"chunk": min(256, z.shape[1])} if self.method == "chunked" else {}
-        state = modal.prefill_state(self.params, z.astype(jnp.float32), self.method, **kwargs)
-        return y, state
+        return modal.prefill(self.params, z.astype(jnp.float32), self.method, self.skip)
 
     def step(self, z_t, state, pos):
         return modal.step(self.params, state, z_t.astype(jnp.float32), self.skip)

@@ -262,7 +262,8 @@ def run_fingerprint(cfg: MQARConfig, run: Run) -> str:
 
 
 def read_results(path: pathlib.Path) -> list[dict]:
-    """Records of a results.jsonl; a truncated last line (interrupted write) is ignored."""
+    """Records (JSON objects) of a results.jsonl; a line that is not one (e.g. a truncated last line
+    from an interrupted write) is skipped."""
     if not path.is_file():
         return []
     rows = []
@@ -271,9 +272,11 @@ def read_results(path: pathlib.Path) -> list[dict]:
         if not line:
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
@@ -425,8 +428,8 @@ def train_run(cfg: MQARConfig, run: Run, train: MQARSplit, test: MQARSplit, *, p
     done = False
     loss_v = acc_v = float("nan")
     for epoch in range(tc.max_epochs):
-        if cfg.data.reshuffle or epoch == 0:
-            order = rng.permutation(n_train) if cfg.data.reshuffle else order
+        if cfg.data.reshuffle:
+            order = rng.permutation(n_train)
         for i in range(steps_per_epoch):
             idx = order[i * bs:(i + 1) * bs]
             ts = time.perf_counter()
