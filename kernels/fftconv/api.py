@@ -37,7 +37,6 @@ class FFTConvError(ValueError):
 _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-
 def _xla(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None):
     if freq_mask is None:
         return fftconv_xla(u, k, bias, pre_gate, post_gate)

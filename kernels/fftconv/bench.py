@@ -136,7 +136,6 @@ def run(args) -> dict:
             channels //= 2
         for dtype in dtypes:
             u, k, pre, post = _make(batch, seqlen, channels, seqlen, dtype)
-            nbytes = u.size * u.dtype.itemsize * 4 + k.size * 4  # u, pre, post in; y out; k
             modes = [("dense", k, None)]
             if not args.no_modes:
                 modes.append(("partial", k[: max(1, seqlen // 16)], None))
@@ -146,6 +145,7 @@ def run(args) -> dict:
                     if mode == "sparse25" and impl == "xla":
                         continue  # masked jnp.fft does the same work as dense
                     fwd, bwd = _fns(impl, mask)
+                    nbytes = u.size * u.dtype.itemsize * 4 + kk.size * 4  # u, pre, post in; y out; filter
                     row = dict(impl=impl, mode=mode, L=seqlen, K=int(kk.shape[0]), B=batch, H=channels,
                                dtype=jnp.dtype(dtype).name)
                     row["fwd_ms"] = 1e3 * _time(fwd, (u, kk, pre, post), args.repeats)

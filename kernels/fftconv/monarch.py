@@ -29,6 +29,7 @@ Complex values are carried as separate fp32 (re, im) planes; every matmul runs a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -338,15 +339,14 @@ def forward_real(x, plan: Plan, *, scaled: bool, rows: int | None = None):
 
 
 def _with_rows_in(plan: Plan, rows: int) -> Plan:
-    return Plan(plan.n, plan.factors, rows, plan.rows_out, plan.n_out, plan.keep_rows, plan.keep_cols, plan.mask)
+    return dataclasses.replace(plan, rows_in=rows)
 
 
 def inverse_real(z, plan: Plan, n_out: int | None = None):
     """Real time signal (…, n_out) from spectrum planes in the plan's layout."""
     n_out = plan.n_out if n_out is None else n_out
     if n_out != plan.n_out:
-        plan = Plan(plan.n, plan.factors, plan.rows_in, _ceil_div(n_out, plan.rest0), n_out,
-                    plan.keep_rows, plan.keep_cols, plan.mask)
+        plan = dataclasses.replace(plan, rows_out=_ceil_div(n_out, plan.rest0), n_out=n_out)
     out, _ = inverse_levels(z, plan, plan.stages - 1, 0, real_out=True)
     return out[..., :n_out]
 
