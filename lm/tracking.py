@@ -117,20 +117,24 @@ class Tracker:
             self._wandb = None
 
 
+def read_jsonl(path: str | pathlib.Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one per line; missing file -> []. Lines that are not a JSON object
+    (e.g. the last line cut by a crash) are skipped."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
 def read_metrics(run_dir: str | pathlib.Path, split: str | None = None) -> list[dict[str, Any]]:
     """Records of ``run_dir/metrics.jsonl`` (optionally one split); missing file -> []."""
-    path = pathlib.Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        if split is None or rec.get("split") == split:
-            out.append(rec)
-    return out
+    records = read_jsonl(pathlib.Path(run_dir) / "metrics.jsonl")
+    return [r for r in records if split is None or r.get("split") == split]

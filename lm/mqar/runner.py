@@ -34,6 +34,7 @@ import numpy as np
 
 from lm.config import ConfigError, apply_overrides, from_dict, read_yaml, save_config, to_dict
 from lm.mqar.generator import MQARError, check_params, multiquery_ar, scored_positions
+from lm.tracking import read_jsonl
 
 # ---------------------------------------------------------------------------------------------------
 # Config
@@ -264,20 +265,7 @@ def run_fingerprint(cfg: MQARConfig, run: Run) -> str:
 def read_results(path: pathlib.Path) -> list[dict]:
     """Records (JSON objects) of a results.jsonl; a line that is not one (e.g. a truncated last line
     from an interrupted write) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
+    return read_jsonl(path)
 
 
 def append_result(path: pathlib.Path, record: dict) -> None:
