@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
 import shutil
 import statistics
 import subprocess
@@ -28,19 +27,12 @@ MODELS = {"hyena": "configs/lm/tinyshakespeare_hyena.yaml", "attention": "config
 
 
 def machine() -> str:
-    import jax
+    """One line naming the device and host CPU (from `kernels.fftconv.bench.machine_info`)."""
+    from kernels.fftconv.bench import machine_info
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = jax.devices()[0]
-    return (f"{dev.platform.upper()} ({getattr(dev, 'device_kind', dev.platform)}); host CPU {cpu}, "
-            f"{os.cpu_count()} logical cores; jax {jax.__version__}")
+    info = machine_info()
+    return (f"{info['backend'].upper()} ({info['device_kind']}); host CPU {info['cpu']}, "
+            f"{info['cpu_count']} logical cores; jax {info['jax']}")
 
 
 def run_one(name: str, config: str, run_dir: pathlib.Path, overrides: list[str]) -> dict:
