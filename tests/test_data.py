@@ -366,6 +366,21 @@ def test_eval_batches_pad_and_drop():
     assert len(small) == 1 and small[0]["mask"][:, 0].sum() == 10
 
 
+def test_eval_batches_pad_scores_every_position_once():
+    """85 tokens, block 8: 10 full blocks (80 positions) and a tail of 4; pad=True yields each of the 84
+    (input, target) transitions exactly once with mask 1, and nothing else with mask 1."""
+    data = _packed(n_tokens=85, block_size=8)
+    assert data.tail_positions == 4
+    batches = list(eval_batches(data, 4, pad=True))
+    assert len(batches) == 3  # 11 rows: 10 blocks + the tail block, padded to 12
+    pairs = [(int(x), int(y)) for b in batches
+             for x, y, m in zip(b["inputs"].ravel(), b["targets"].ravel(), b["mask"].ravel()) if m == 1]
+    assert pairs == [(t, t + 1) for t in range(84)]
+    assert batches[-1]["mask"].sum(axis=1).tolist() == [8, 8, 4, 0]  # blocks 8, 9, the tail, padding
+    assert all(b["mask"].all() for b in eval_batches(data, 4))  # pad=False: full blocks only, as before
+    assert sum(b["mask"].sum() for b in eval_batches(data, 4)) == 64
+
+
 def test_loader_errors():
     with pytest.raises(DataError, match="fewer than one batch"):
         BatchLoader(_packed(n_tokens=30, block_size=8), 8)
