@@ -219,11 +219,11 @@ class _Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.end, initial=step, desc="train", dynamic_ncols=True, leave=True)
-        elif self.mode == "lines":
-            self.log(f"step {step}/{self.end}: first step took {first_step_s:.1f} s (compilation included)")
+        self.write(f"step {step}/{self.end}: first step took {first_step_s:.1f} s (compilation included)")
 
     @contextlib.contextmanager
     def paused(self):
+        """Leave the time spent inside this block out of tokens/s and the ETA."""
         t = time.perf_counter()
         try:
             yield

@@ -176,7 +176,7 @@ def test_crash_during_async_save_leaves_only_a_tmp_dir(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("argv, match", [(["--stop-at", "2"], "cannot stop at step 2 .*already at step 4"),
-                                         (["trainer.steps=3"], r"'trainer.steps' \(3\) is below .*\(4\)")])
+                                         (["trainer.steps=3"], r"config key 'trainer.steps' \(3\) is below .*\(4\)")])
 def test_stopping_before_the_current_step_is_a_clear_error(argv, match, trained, tmp_path, capsys):
     run_dir = copy_run(trained, tmp_path)
     before = files(run_dir / "checkpoints")
