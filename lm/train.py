@@ -428,9 +428,11 @@ class Trainer:
         src = Checkpointer(find_checkpoint_dir(_resolve_path(path)), keep=None, read_only=True)
         target = nnx.state(nnx.merge(self.graphdef_model, self.state["model"]), nnx.Param)
         try:
-            params, meta = src.restore(target, prefix="model.", strict=False)  # keeps target's shardings
+            params, meta, damaged = src.restore_newest(target, prefix="model.", strict=False)  # target's shardings
         finally:
             src.close()
+        if damaged:
+            self.log(f"initialize_from: {fallback_note(damaged, meta['step'])}")
         model = nnx.merge(self.graphdef_model, self.state["model"])
         nnx.update(model, params)
         self.state = {"model": nnx.state(model), "optimizer": self.state["optimizer"]}

@@ -115,6 +115,23 @@ def test_resume_falls_back_and_sets_the_damaged_step_aside(how, corpus, trained,
     assert load_run(run_dir)[3] == 6 and "using step" not in capsys.readouterr().err
 
 
+def test_initialize_from_falls_back_past_a_damaged_newest_step(corpus, trained, tmp_path, capsys):
+    source = copy_run(trained, tmp_path)
+    damage(source / "checkpoints" / "4", "corrupt_metadata")
+    capsys.readouterr()
+    trainer = Trainer(load_train_config(base=config(corpus, initialize_from=str(source))), tmp_path / "new")
+    try:
+        weights = np.asarray(trainer.model.embed.embedding[...])
+    finally:
+        trainer.close()
+    notes = [line for line in capsys.readouterr().err.splitlines() if "using step" in line]
+    assert len(notes) == 1 and "initialize_from: checkpoint step 4: metadata unreadable" in notes[0], notes
+    ckpt = Checkpointer(source / "checkpoints", read_only=True)
+    np.testing.assert_array_equal(weights, ckpt.read_arrays(2)["model.embed.embedding"])
+    ckpt.close()
+    assert committed(source) == [2, 4]
+
+
 def test_every_step_damaged_is_a_clear_error(trained, tmp_path):
     run_dir = copy_run(trained, tmp_path)
     for step in (2, 4):
@@ -127,8 +144,9 @@ def test_every_step_damaged_is_a_clear_error(trained, tmp_path):
 def test_keep_checkpoints_honoured_after_a_crash_during_an_async_save(corpus, trained, tmp_path):
     """A process killed mid-save leaves ``<step>.orbax-checkpoint-tmp``; the next run removes it and keeps K."""
     run_dir = copy_run(trained, tmp_path)
-    # What the kill leaves (see test_crash_during_async_save_leaves_only_a_tmp_dir): an uncommitted step 6.
-    partial = run_dir / "checkpoints" / "6.orbax-checkpoint-tmp"
+    # What a kill leaves (see test_crash_during_async_save_leaves_only_a_tmp_dir), here for a step the
+    # resumed schedule never saves again (e.g. the save of a Ctrl-C at step 5), so nothing overwrites it.
+    partial = run_dir / "checkpoints" / "5.orbax-checkpoint-tmp"
     shutil.copytree(run_dir / "checkpoints" / "4", partial)
     for marker in partial.rglob("commit_success.txt"):
         marker.unlink()
@@ -189,9 +207,10 @@ def test_stopping_before_the_current_step_is_a_clear_error(argv, match, trained,
     assert files(run_dir / "checkpoints") == before and (run_dir / "config.yaml").read_text() == config_before
 
 
-def test_checkpoint_module_sits_below_training():
-    """Importing lm.checkpoint (and the run config it reads) does not import lm.train."""
-    code = ("import sys, lm.checkpoint, lm.run_config; assert 'lm.train' not in sys.modules, 'lm.train imported'; "
-            "from lm.checkpoint import load_run; from lm.train import Trainer, TrainConfig, train, load_train_config")
+def test_checkpoint_module_sits_below_training(trained):
+    """Loading a run through lm.checkpoint never imports lm.train; lm.train still exports the public names."""
+    code = (f"import sys; from lm.checkpoint import load_run; assert load_run({str(trained)!r})[3] == 4; "
+            "assert 'lm.train' not in sys.modules, 'lm.train imported'; "
+            "from lm.train import Trainer, TrainConfig, train, load_train_config")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
