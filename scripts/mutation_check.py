@@ -54,8 +54,8 @@ MUTATIONS = [
     Mutation("fftconv-list-input-unnamed", "kernels/fftconv/api.py",
              "            _check_array(name, x)\n", "            pass\n",
              ("tests/test_fftconv.py", "-k", "validation")),
-    Mutation("char-specials-counted-as-bytes", "lm/data/tokenizers.py",
-             "self._bytes_arr = np.array([0, 0] +", "self._bytes_arr = np.array([1, 1] +",
+    Mutation("char-vocab-off-by-one", "lm/data/tokenizers.py",
+             "self.vocab_size = offset + len(chars)", "self.vocab_size = offset + len(chars) + 1",
              ("tests/test_data.py", "-k", "shakespeare")),
     Mutation("mqar-eval-always-1", "lm/mqar/runner.py",
              "return acc_sum / n, loss_sum / n", "return 1.0, loss_sum / n",
@@ -90,15 +90,15 @@ def copy_repo(dest: pathlib.Path) -> None:
         shutil.copy2(REPO / rel, target)
 
 
-def run_one(m: Mutation, timeout: float) -> tuple[str, float]:
-    """(outcome, seconds) of one mutation in a fresh copy of the repository."""
+def run_one(m: Mutation, timeout: float) -> tuple[str, str, float]:
+    """(outcome, first failing test, seconds) of one mutation in a fresh copy of the repository."""
     with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
         root = pathlib.Path(tmp) / "repo"
         copy_repo(root)
         path = root / m.path
         text = path.read_text()
         if text.count(m.old) != 1:
-            return "STALE", 0.0
+            return "STALE", "", 0.0
         path.write_text(text.replace(m.old, m.new))
         env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
         cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests]
@@ -106,10 +106,11 @@ def run_one(m: Mutation, timeout: float) -> tuple[str, float]:
         try:
             proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
-            return "error (timeout)", time.perf_counter() - t0
+            return "error (timeout)", "", time.perf_counter() - t0
         seconds = time.perf_counter() - t0
     outcome = {0: "MISSED", 1: "caught"}.get(proc.returncode, f"error (pytest exit {proc.returncode})")
-    return outcome, seconds
+    failed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return outcome, failed[0] if failed else "", seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         for m in chosen:
             print(f"{m.name:34s} {m.path:28s} {' '.join(m.tests)}")
         return 0
-    print("| mutation | file | tests | result | s |\n|---|---|---|---|---|", flush=True)
+    print("| mutation | file | tests | result | first failing test | s |\n|---|---|---|---|---|---|", flush=True)
     all_caught = True
     for m in chosen:
-        outcome, seconds = run_one(m, args.timeout)
+        outcome, failed, seconds = run_one(m, args.timeout)
         all_caught &= outcome == "caught"
-        print(f"| {m.name} | {m.path} | {' '.join(m.tests)} | {outcome} | {seconds:.0f} |", flush=True)
+        print(f"| {m.name} | {m.path} | {' '.join(m.tests)} | {outcome} | {failed} | {seconds:.0f} |", flush=True)
     return 0 if all_caught else 1
 
 

@@ -288,8 +288,8 @@ def test_evaluation_scores_chance_and_known_answers(tmp_path):
       knowing the 2 in-context values but not which one is right would score 0.5.
     - Zeroed parameters (constant logits): argmax is token 0, never a value, so exactly 0.
     - A hand-built split whose targets come from the model's own full-forward argmax at the labelled
-      positions: row 0 both right, row 1 one of two, row 2 none -> (1 + 0.5 + 0) / 3 = 0.5, with a
-      padded last batch (eval batch 2 over 3 rows)."""
+      positions: row 0 none right, row 1 one of two, row 2 both -> (0 + 0.5 + 1) / 3 = 0.5. Eval batch 2
+      over 3 rows: the last batch is padded with copies of row 2, which must not count."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -312,6 +312,6 @@ def test_evaluation_scores_chance_and_known_answers(tmp_path):
     x, pos = split.inputs[:3], split.positions[:3]
     predicted = np.take_along_axis(np.asarray(jnp.argmax(model(jnp.asarray(x)), -1)), pos, axis=1)
     wrong = (predicted + 1) % cfg.data.vocab_size
-    targets = np.stack([predicted[0], [predicted[1, 0], wrong[1, 1]], wrong[2]]).astype(np.int32)
+    targets = np.stack([wrong[0], [predicted[1, 0], wrong[1, 1]], predicted[2]]).astype(np.int32)
     acc, _ = runner.evaluate(eval_step, params, rest, runner.MQARSplit(x, pos, targets), batch_size=2)
     assert acc == pytest.approx(0.5)
