@@ -109,7 +109,8 @@ def run_one(m: Mutation, timeout: float) -> tuple[str, str, float]:
             return "error (timeout)", "", time.perf_counter() - t0
         seconds = time.perf_counter() - t0
     outcome = {0: "MISSED", 1: "caught"}.get(proc.returncode, f"error (pytest exit {proc.returncode})")
-    failed = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in proc.stdout.splitlines()
+              if line.startswith(("FAILED ", "ERROR "))]
     return outcome, failed[0] if failed else "", seconds
 
 
