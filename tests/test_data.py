@@ -32,7 +32,6 @@ from lm.data import (
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHAKESPEARE = pathlib.Path("/work/shared/data/tinyshakespeare/input.txt")
 WORDS = "the quick brown fox jumps over lazy dog and then sleeps under a warm sun while birds sing".split()
 
 
@@ -213,15 +212,38 @@ def test_char_tokenizer_saved_with_run_and_reused(tmp_path, text_file):
         build_data(cfg(text_file, block_size=16), run_dir=run)
 
 
-@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="tinyshakespeare not available")
-def test_tinyshakespeare_char():
-    data = build_data(cfg(SHAKESPEARE, tokenizer={"kind": "char"}, block_size=256, batch_size=32))
-    assert data.tokenizer.vocab_size == 65 + 2
-    assert data.train.n_chars + data.val.n_chars == len(SHAKESPEARE.read_text())
+SPEECHES = [
+    ("First Citizen", "Before we proceed any further, hear me speak."),
+    ("All", "Speak, speak."),
+    ("First Citizen", "You are all resolved rather to die than to famish?"),
+    ("MENENIUS", "What work's, my countrymen, in hand? where go you\nWith bats and clubs? The matter? speak, I pray you."),
+    ("ROMEO", "But, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun."),
+    ("JULIET", "O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;"),
+]
+
+
+def shakespeare_text(n_speeches: int = 120, seed: int = 0) -> str:
+    """A few kB in tinyshakespeare's layout: "SPEAKER:\nline(s)\n\n" blocks."""
+    rng = random.Random(seed)
+    return "".join(f"{who}:\n{what}\n\n" for who, what in (rng.choice(SPEECHES) for _ in range(n_speeches)))
+
+
+def test_shakespeare_layout_char_corpus(tmp_path):
+    """The tinyshakespeare configs' data path (char tokenizer, last 10% validation) on a small corpus
+    in that layout, built here so the test runs without the shared data set."""
+    path = tmp_path / "input.txt"
+    text = shakespeare_text()
+    path.write_text(text)
+    assert 4_000 < len(text) < 20_000
+    data = build_data(cfg(path, tokenizer={"kind": "char"}, block_size=64, batch_size=8))
+    assert data.tokenizer.vocab_size == len(set(text)) + 2  # + <unk>, <eod>
+    assert data.tokenizer.decode(np.concatenate([data.train.tokens, data.val.tokens]).tolist()) == text
+    assert data.train.n_chars + data.val.n_chars == len(text)
     assert abs(data.val.n_tokens / (data.train.n_tokens + data.val.n_tokens) - 0.1) < 1e-3
     batch = data.next_batch()
-    assert batch["inputs"].shape == (32, 256)
-    assert data.val_bytes_per_token == data.val_chars_per_token == pytest.approx(1.0, abs=1e-4)
+    assert batch["inputs"].shape == (8, 64)
+    assert data.val.n_bytes == data.val.n_chars == data.val.n_tokens - 1  # ASCII: one token per char + <eod>
+    assert data.val_bytes_per_token == data.val_chars_per_token == pytest.approx(data.val.n_chars / data.val.n_tokens)
 
 
 # ----------------------------------------------------------------------------------------------- errors
