@@ -208,7 +208,7 @@ def test_nan_guard_names_the_step_and_the_layer(corpus, tmp_path):
             nnx.update(mixer, jax.tree.map(lambda x: x * np.nan, nnx.state(mixer, nnx.Param)))
             trainer.state = {"model": nnx.state(model), "optimizer": trainer.state["optimizer"]}
 
-    cfg = tiny(corpus, "hyena", **{"model.n_layers": 3, "trainer.steps": 8, "trainer.log_every": 4,
+    cfg = tiny(corpus, "hyena", **{"model.n_layers": 2, "trainer.steps": 8, "trainer.log_every": 4,
                                    "trainer.checkpoint_every": 0, "trainer.eval_every": 0, "data.val_fraction": 0.0})
     # Steps 3 and 4 are both non-finite; the check at step 4 reports the first.
     with pytest.raises(NonFiniteError, match=r"at step 3 \(loss=nan.*first non-finite activation in layer 1 "
