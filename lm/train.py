@@ -38,7 +38,8 @@ from lm.config import ConfigError, from_dict, load_config, read_yaml, apply_over
 from lm.data.config import DataConfig, DataError
 from lm.model import LM, ModelConfig
 from lm.optim import OptimizerConfig, lr_schedule, make_optimizer, model_label_map
-from lm.sharding import MeshConfig, batch_divisor, batch_sharding, describe, make_mesh, replicated, state_shardings
+from lm.sharding import (MeshConfig, batch_divisor, batch_sharding, describe, make_mesh, replicated,
+                         state_shardings, sync_processes)
 from lm.tracking import Tracker, TrackerConfig, read_metrics
 
 
@@ -340,6 +341,7 @@ class Trainer:
         if self.resumed_from is not None:
             self.tracker.truncate_after(self.step)
         self._pending: list[tuple[int, dict]] = []
+        self._compiled_step = None
         self.last_metrics: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
 
@@ -364,6 +366,16 @@ class Trainer:
     def model(self) -> LM:
         """The current model (a view on the train state; call .eval() before inference)."""
         return nnx.merge(self.graphdef_model, self.state["model"])
+
+    def _step_for(self, batch):
+        """The train step to run on ``batch``. With several processes it is compiled ahead (once) and all
+        processes then meet at a barrier, so none starts the step's collectives while another still compiles."""
+        if jax.process_count() == 1:
+            return self._train_step
+        if self._compiled_step is None:
+            self._compiled_step = self._train_step.lower(self.state, batch).compile()
+            sync_processes(f"longconv_train_step_compiled_at_{self.step}")
+        return self._compiled_step
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -434,7 +446,7 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 while self.step < end:
                     batch = self.data.next_batch()
-                    new_state, metrics = self._train_step(self.state, batch)
+                    new_state, metrics = self._step_for(batch)(self.state, batch)
                     # One statement: an interrupt never leaves the state, step and data position apart.
                     self.state, self.step, self._data_state = new_state, self.step + 1, self.data.state()
                     self._pending.append((self.step, metrics))
@@ -504,13 +516,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 (with --distributed)")
     parser.add_argument("--num-processes", type=int, default=None, help="number of processes/hosts")
     parser.add_argument("--process-id", type=int, default=None, help="this process's index, 0-based")
+    parser.add_argument("--heartbeat-timeout", type=int, default=None,
+                        help="seconds without a heartbeat after which the other processes declare one dead "
+                             "and abort (with --distributed; JAX's default is 100)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=100 optimizer.lr=1e-3")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.distributed or args.coordinator:
+        timeouts = {} if args.heartbeat_timeout is None else {"heartbeat_timeout_seconds": args.heartbeat_timeout}
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+                                   process_id=args.process_id, **timeouts)
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else None
     config_path = args.config
     if config_path is None:
