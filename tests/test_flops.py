@@ -92,3 +92,29 @@ def test_hyena_count_without_ffts_agrees_with_xla_cost_analysis():
     one_conv = _xla_flops(lambda u, k, d: fftconv(u, k, d, pre_gate=u, post_gate=u), u, u[0], u[0, 0])
     xla_without_ffts = _xla_flops(forward, params, tokens) - cfg.n_layers * one_conv  # order 2: 1 conv a layer
     assert 1.0 <= xla_without_ffts / (sum(counted.values()) - counted["fftconv"]) <= 1.10
+
+
+@pytest.mark.slow  # ~30 s of CPU: compiling the bf16 train step of the shrunk 153M configs
+def test_bench_lm_gpu_tiny_smoke(tmp_path):
+    """scripts/bench_lm_gpu.py --tiny (one Hyena row at length 32) writes JSONL + a table whose rates
+    follow from lm.flops and the measured step time and matmul peak."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "bench_lm_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_lm_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--tiny", "--models", "hyena", "--seqlens", "32", "--steps", "1", "--warmup", "1",
+                       "--out", str(tmp_path)]) == 0
+    machine, row = [json.loads(line) for line in (tmp_path / "bench_lm_gpu.jsonl").read_text().splitlines()]
+    assert machine["machine"]["backend"] == "cpu" and row["model"] == "hyena" and row["batch"] == 256 // 32
+    cfg = bench.model_config("hyena", 32, tiny=True)
+    assert cfg.model.n_layers == 2 and cfg.model.dtype == "bfloat16"
+    assert row["train_flops_per_step"] == train_step_flops(cfg.model, row["batch"], 32)
+    assert row["tokens_per_s"] == pytest.approx(row["batch"] * 32 / row["step_s"])
+    assert row["mfu"] == pytest.approx(row["train_flops_per_step"] / row["step_s"] / row["peak_bf16_flops"])
+    assert row["peak_bf16_flops"] > 0 and row["loss"] > 0 and row["fftconv_impl"] == "xla"
+    table = (tmp_path / "bench_lm_gpu.md").read_text()
+    assert f"| hyena | 32 | 8 | {row['tokens_per_s']:,.0f} |" in table
