@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import pathlib
 import sys
@@ -41,6 +42,9 @@ from lm.optim import OptimizerConfig, lr_schedule, make_optimizer, model_label_m
 from lm.sharding import (MeshConfig, batch_divisor, batch_sharding, describe, make_mesh, replicated,
                          state_shardings, sync_processes)
 from lm.tracking import Tracker, TrackerConfig, read_metrics
+
+
+_BARRIER_IDS = itertools.count()  # unique barrier names; every process creates them in the same order
 
 
 class NonFiniteError(FloatingPointError):
@@ -341,7 +345,7 @@ class Trainer:
         if self.resumed_from is not None:
             self.tracker.truncate_after(self.step)
         self._pending: list[tuple[int, dict]] = []
-        self._compiled_step = None
+        self._programs: dict[str, Any] = {}  # name -> ahead-compiled step (multi-process only)
         self.last_metrics: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
 
@@ -367,15 +371,16 @@ class Trainer:
         """The current model (a view on the train state; call .eval() before inference)."""
         return nnx.merge(self.graphdef_model, self.state["model"])
 
-    def _step_for(self, batch):
-        """The train step to run on ``batch``. With several processes it is compiled ahead (once) and all
-        processes then meet at a barrier, so none starts the step's collectives while another still compiles."""
+    def _program(self, name: str, jitted, *args):
+        """``jitted`` with one process. With several: compiled ahead, once per ``name``, for ``args``' shapes,
+        after which all processes meet at a barrier, so none starts the program's collectives while another
+        is still compiling it (JAX's CPU collectives give a late peer only 30 s)."""
         if jax.process_count() == 1:
-            return self._train_step
-        if self._compiled_step is None:
-            self._compiled_step = self._train_step.lower(self.state, batch).compile()
-            sync_processes(f"longconv_train_step_compiled_at_{self.step}")
-        return self._compiled_step
+            return jitted
+        if name not in self._programs:
+            self._programs[name] = jitted.lower(*args).compile()
+            sync_processes(f"longconv_{name}_compiled_{next(_BARRIER_IDS)}")
+        return self._programs[name]
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -412,7 +417,8 @@ class Trainer:
         total = count = 0.0
         with jax.set_mesh(self.mesh):
             for batch in self.data.val_batches(max_batches=max_batches or None, pad=True):
-                s, c = self._eval_step(self.state["model"], batch)
+                model_state = self.state["model"]
+                s, c = self._program("eval_step", self._eval_step, model_state, batch)(model_state, batch)
                 total, count = total + float(s), count + float(c)
         if count == 0:
             return {}
@@ -446,7 +452,8 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 while self.step < end:
                     batch = self.data.next_batch()
-                    new_state, metrics = self._step_for(batch)(self.state, batch)
+                    new_state, metrics = self._program("train_step", self._train_step, self.state, batch)(
+                        self.state, batch)
                     # One statement: an interrupt never leaves the state, step and data position apart.
                     self.state, self.step, self._data_state = new_state, self.step + 1, self.data.state()
                     self._pending.append((self.step, metrics))

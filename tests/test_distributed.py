@@ -86,11 +86,12 @@ def read_checkpoint(run_dir: pathlib.Path, step: int) -> tuple[dict, dict]:
 
 @pytest.fixture(scope="module")
 def mesh_config(tmp_path_factory) -> pathlib.Path:
-    """The tiny model on a data=4 x fsdp=2 mesh, 4 steps, a checkpoint every 2 steps."""
+    """The tiny model on a data=4 x fsdp=2 mesh, 4 steps, a checkpoint every 2 steps, eval at the end."""
     root = tmp_path_factory.mktemp("dist")
     cfg = tiny(make_corpus(root / "corpus.txt"), **{
         "trainer.steps": 4, "trainer.checkpoint_every": 2, "trainer.log_every": 1, "trainer.eval_every": 0,
-        "data.val_fraction": 0.0, "mesh.data": 4, "mesh.fsdp": 2, "mesh.min_shard_size": 1})
+        "trainer.eval_steps": 2, "data.val_fraction": 0.1, "mesh.data": 4, "mesh.fsdp": 2,
+        "mesh.min_shard_size": 1})
     path = root / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -114,6 +115,9 @@ def test_two_processes_stop_resume_and_match_one_process(mesh_config, tmp_path):
     assert [r["step"] for r in got] == [r["step"] for r in ref] == [1, 2, 3, 4]
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in got], [r[key] for r in ref], rtol=1e-6, err_msg=key)
+    (ref_eval,), (got_eval,) = read_metrics(one, "eval"), read_metrics(two, "eval")
+    assert got_eval["step"] == 4 and got_eval["tokens"] == ref_eval["tokens"] > 0
+    np.testing.assert_allclose(got_eval["loss"], ref_eval["loss"], rtol=1e-6)
     # The checkpoint both processes wrote together holds the same parameters and AdamW moments.
     (arrays_ref, meta_ref), (arrays, meta) = read_checkpoint(one, 4), read_checkpoint(two, 4)
     assert sorted(arrays) == sorted(arrays_ref) and meta["data"] == meta_ref["data"]
