@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import math
 import pathlib
 import sys
@@ -39,8 +40,12 @@ from lm.data.config import DataConfig, DataError
 from lm.model import LM
 from lm.optim import lr_schedule, make_optimizer, model_label_map
 from lm.run_config import TrainConfig, TrainerConfig, load_train_config  # noqa: F401 (public names of lm.train)
-from lm.sharding import batch_divisor, batch_sharding, describe, make_mesh, replicated, state_shardings
+from lm.sharding import (batch_divisor, batch_sharding, describe, make_mesh, replicated, state_shardings,
+                         sync_processes)
 from lm.tracking import Tracker
+
+
+_BARRIER_IDS = itertools.count()  # unique barrier names; every process creates them in the same order
 
 
 class NonFiniteError(FloatingPointError):
@@ -416,6 +421,7 @@ class Trainer:
         if self.resumed_from is not None:
             self.tracker.truncate_after(self.step)
         self._pending: list[tuple[int, dict, dict]] = []  # (step, metrics, loader position before it)
+        self._programs: dict[str, Any] = {}  # name -> ahead-compiled step (multi-process only)
         self.last_metrics: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
 
@@ -442,6 +448,17 @@ class Trainer:
     def model(self) -> LM:
         """The current model (a view on the train state; call .eval() before inference)."""
         return nnx.merge(self.graphdef_model, self.state["model"])
+
+    def _program(self, name: str, jitted, *args):
+        """``jitted`` with one process. With several: compiled ahead, once per ``name``, for ``args``' shapes,
+        after which all processes meet at a barrier, so none starts the program's collectives while another
+        is still compiling it (JAX's CPU collectives give a late peer only 30 s)."""
+        if jax.process_count() == 1:
+            return jitted
+        if name not in self._programs:
+            self._programs[name] = jitted.lower(*args).compile()
+            sync_processes(f"longconv_{name}_compiled_{next(_BARRIER_IDS)}")
+        return self._programs[name]
 
     def log(self, msg: str) -> None:
         if self.is_main:
@@ -499,7 +516,10 @@ class Trainer:
         (default ``trainer.eval_steps``; 0 = the whole split)."""
         max_batches = self.cfg.trainer.eval_steps if max_batches is None else max_batches
         with jax.set_mesh(self.mesh):
-            return evaluate_batches(self._eval_step, self.state["model"], self.data, max_batches)
+            def eval_step(model_state, batch):
+                return self._program("eval_step", self._eval_step, model_state, batch)(model_state, batch)
+
+            return evaluate_batches(eval_step, self.state["model"], self.data, max_batches)
 
     # -- loop --------------------------------------------------------------------------------
     def fit(self, max_steps: int | None = None) -> dict[str, Any]:
@@ -527,7 +547,8 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 while self.step < end:
                     batch = self.data.next_batch()
-                    new_state, metrics = self._train_step(self.state, batch)
+                    new_state, metrics = self._program("train_step", self._train_step, self.state, batch)(
+                        self.state, batch)
                     data_before = self._data_state
                     # One statement: an interrupt never leaves the state, step and data position apart.
                     self.state, self.step, self._data_state = new_state, self.step + 1, self.data.state()
@@ -597,13 +618,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 (with --distributed)")
     parser.add_argument("--num-processes", type=int, default=None, help="number of processes/hosts")
     parser.add_argument("--process-id", type=int, default=None, help="this process's index, 0-based")
+    parser.add_argument("--heartbeat-timeout", type=int, default=None,
+                        help="seconds without a heartbeat after which the other processes declare one dead "
+                             "and abort (with --distributed; JAX's default is 100)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=100 optimizer.lr=1e-3")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.distributed or args.coordinator:
+        timeouts = {} if args.heartbeat_timeout is None else {"heartbeat_timeout_seconds": args.heartbeat_timeout}
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+                                   process_id=args.process_id, **timeouts)
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else None
     config_path = args.config
     if config_path is None:
