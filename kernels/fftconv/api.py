@@ -11,6 +11,9 @@ Implementations (all compute the same function; see kernels/fftconv/conv.py and 
   "xla"         jnp.fft rfft/irfft with zero padding (fp32);
   "xla-matmul"  the FFT written as 2-4 stages of small DFT-matrix matmuls + twiddles (plain XLA);
   "pallas"      the same factorisation as a fused Pallas kernel (interpret mode on CPU).
+Precision (`precision=`, matmul impls only; see kernels/fftconv/precision.py for the error bounds):
+"fp32" (alias "highest"), "bf16x3", "tf32" (GPU only), "fp16", "bf16"; None = the input dtype's own
+(bf16 → "bf16", fp16 → "fp16", fp32 → "fp32"). "xla" always computes an fp32 FFT (within every bound).
 Modes: K < L is a partial filter (block-Toeplitz chunking when K <= L/4 on the matmul impls);
 `freq_mask` (static (G0, G1) bool block mask) keeps only some frequency blocks of the plan's FFT:
 y = Re IFFT(FFT(x) FFT(k) M) with M = monarch.expand_freq_mask(freq_mask, N), N = monarch.fft_size(L+K-1).
@@ -27,6 +30,7 @@ import jax.numpy as jnp
 
 from kernels.fftconv import conv as _conv
 from kernels.fftconv import monarch as _monarch
+from kernels.fftconv import precision as _precision
 from kernels.fftconv.reference import fftconv_xla
 
 
@@ -37,21 +41,24 @@ class FFTConvError(ValueError):
 _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _xla(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None):
+def _xla(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None):
+    del precision  # jnp.fft is fp32 at every setting
     if freq_mask is None:
         return fftconv_xla(u, k, bias, pre_gate, post_gate)
     return _conv.fftconv_xla_masked(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask)
 
 
-def _xla_matmul(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None):
-    return _conv.fftconv_matmul(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, impl="xla-matmul")
+def _xla_matmul(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None):
+    return _conv.fftconv_matmul(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, impl="xla-matmul",
+                                precision=precision)
 
 
-def _pallas(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None):
-    return _conv.fftconv_matmul(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, impl="pallas")
+def _pallas(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None):
+    return _conv.fftconv_matmul(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, impl="pallas",
+                                precision=precision)
 
 
-# name -> implementation with the signature of `fftconv_xla` plus keyword-only `freq_mask`.
+# name -> implementation with the signature of `fftconv_xla` plus keyword-only `freq_mask`, `precision`.
 IMPLEMENTATIONS: dict[str, Callable] = {"xla": _xla, "xla-matmul": _xla_matmul, "pallas": _pallas}
 
 # "auto" picks Pallas on GPU for FFT sizes up to this (the fused single-kernel plans). 0 = never:
@@ -67,7 +74,7 @@ def _check_float(name: str, x, allowed=_INPUT_DTYPES) -> None:
         raise FFTConvError(f"fftconv: {name} has dtype {x.dtype}; expected one of {names}")
 
 
-def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None) -> None:
+def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None, precision=None) -> None:
     """Raise FFTConvError unless the arguments have the documented shapes and dtypes."""
     if getattr(u, "ndim", None) != 3:
         raise FFTConvError(f"fftconv: u must have shape (batch, length, channels); got shape {jnp.shape(u)}")
@@ -107,6 +114,10 @@ def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None) -> 
         except ValueError as err:
             n, f0, fl = _monarch.freq_grid(seqlen, ksize)
             raise FFTConvError(f"fftconv: {err} (L={seqlen}, K={ksize}: N={n}, grid ({f0}, {fl}))") from None
+    try:
+        _precision.resolve(precision, u.dtype)
+    except ValueError as err:
+        raise FFTConvError(f"fftconv: {err}") from None
 
 
 def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = None) -> str:
@@ -127,17 +138,17 @@ def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = No
     return "xla"
 
 
-def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, impl: str = "auto"):
+def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, impl: str = "auto",
+            precision: str | None = None):
     """Causal long convolution (see module docstring). ``impl``: "auto" or a key of IMPLEMENTATIONS.
 
     ``freq_mask``: None (dense) or a static boolean (G0, G1) block mask over the plan's frequency grid
     (`kernels.fftconv.monarch.freq_grid(L, K)` gives (N, f0, f_last); G0 | f0, G1 | f_last).
+    ``precision``: matmul operand setting of "xla-matmul"/"pallas" (module docstring); None = per dtype.
     """
-    validate(u, k, bias, pre_gate, post_gate, freq_mask)
+    validate(u, k, bias, pre_gate, post_gate, freq_mask, precision)
     if impl == "auto":
         impl = default_impl(u.shape[1], jax.default_backend(), k.shape[0])
     if impl not in IMPLEMENTATIONS:
         raise FFTConvError(f"fftconv: unknown impl {impl!r}; choose 'auto' or one of {sorted(IMPLEMENTATIONS)}")
-    if freq_mask is None:
-        return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate)
-    return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate, freq_mask=freq_mask)
+    return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, precision=precision)
