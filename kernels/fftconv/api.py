@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from kernels.fftconv import conv as _conv
 from kernels.fftconv import monarch as _monarch
 from kernels.fftconv import precision as _precision
+from kernels.fftconv import tuned as _tuned
 from kernels.fftconv.reference import fftconv_xla
 
 
@@ -61,10 +62,8 @@ def _pallas(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, p
 # name -> implementation with the signature of `fftconv_xla` plus keyword-only `freq_mask`, `precision`.
 IMPLEMENTATIONS: dict[str, Callable] = {"xla": _xla, "xla-matmul": _xla_matmul, "pallas": _pallas}
 
-# "auto" picks Pallas on GPU for FFT sizes up to this (the fused single-kernel plans). 0 = never:
-# the kernel has only run in interpret mode (no GPU was lent when it was written), so it stays opt-in
-# (impl="pallas") until `longconv bench` on a GPU shows it compiles and wins. Override with the
-# environment variable LONGCONV_PALLAS_AUTO_MAX_FFT (e.g. 4096) to opt in globally.
+# "auto" picks Pallas on GPU for FFT sizes up to this, overriding the measured table (tuned.json).
+# 0 = never: set the environment variable LONGCONV_PALLAS_AUTO_MAX_FFT (e.g. 4096) to opt in globally.
 PALLAS_AUTO_MAX_FFT = int(os.environ.get("LONGCONV_PALLAS_AUTO_MAX_FFT", "0"))
 
 
@@ -120,21 +119,23 @@ def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None, pre
         raise FFTConvError(f"fftconv: {err}") from None
 
 
-def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = None) -> str:
-    """The implementation `impl="auto"` picks for this backend and length.
+def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = None, dtype=None,
+                 device_kind: str | None = None) -> str:
+    """The implementation `impl="auto"` picks for this backend, device, length and input dtype.
 
-    CPU/TPU and anything else: "xla" (on CPU the Pallas kernel only runs interpreted, and the
-    matmul factorisation does O(N·Σf) work against pocketfft's O(N log N)). GPU: "pallas" for FFT
-    sizes N <= PALLAS_AUTO_MAX_FFT, where the whole conv is one fused kernel (u, gates read once,
-    y written once, vs ~6 HBM round trips of pad/rfft/multiply/irfft/slice/gate); beyond that the
-    outer stage goes through HBM anyway and cuFFT is kept. This is a design rule, NOT a measurement,
-    and it is off by default (PALLAS_AUTO_MAX_FFT = 0) until measured on a GPU with `longconv bench`.
+    The measured winner from the committed table `kernels/fftconv/tuned.json` (filled on the device by
+    `scripts/gpu_check.py --write-table`) for (backend, device kind, FFT size, dtype); "xla" where the
+    table has no row (on CPU the Pallas kernel only runs interpreted, and the matmul factorisation does
+    O(N·Σf) work against pocketfft's O(N log N)). On GPU, LONGCONV_PALLAS_AUTO_MAX_FFT=N forces
+    "pallas" for FFT sizes <= N regardless of the table.
     """
     backend = backend or jax.default_backend()
-    if backend == "gpu":
-        n = _monarch.fft_size(seqlen + (seqlen if ksize is None else ksize) - 1)
-        if n <= PALLAS_AUTO_MAX_FFT:
-            return "pallas"
+    n = _monarch.fft_size(seqlen + (seqlen if ksize is None else ksize) - 1)
+    if backend == "gpu" and n <= PALLAS_AUTO_MAX_FFT:
+        return "pallas"
+    if dtype is not None:
+        device_kind = jax.devices(backend)[0].device_kind if device_kind is None else device_kind
+        return _tuned.lookup(backend, device_kind, n, jnp.dtype(dtype).name) or "xla"
     return "xla"
 
 
@@ -148,7 +149,7 @@ def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, i
     """
     validate(u, k, bias, pre_gate, post_gate, freq_mask, precision)
     if impl == "auto":
-        impl = default_impl(u.shape[1], jax.default_backend(), k.shape[0])
+        impl = default_impl(u.shape[1], jax.default_backend(), k.shape[0], u.dtype)
     if impl not in IMPLEMENTATIONS:
         raise FFTConvError(f"fftconv: unknown impl {impl!r}; choose 'auto' or one of {sorted(IMPLEMENTATIONS)}")
     return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, precision=precision)
