@@ -22,10 +22,11 @@ that keep a power-of-two number (≥ 16) of rows and of columns. Grid: (batch, c
 program loops over its channels (and rows) with `lax.fori_loop`. Block shapes keep full trailing
 dims so they are legal for Mosaic too.
 
-Backends: only `interpret=True` (CPU) has been run. On GPU the kernels request Triton (jax >= 0.10
-defaults to Mosaic GPU, which rejects them); `tests/test_fftconv_lowering.py` checks on CPU that the
-forward and backward lower for "cuda" (Triton) and "tpu" (Mosaic) through `jax.export`, which proves the
-kernel bodies and block shapes are accepted, not that they compile within a device's limits or run fast.
+Backends: on GPU the kernels request Triton (jax >= 0.10 defaults to Mosaic GPU, which rejects them);
+the fp32 HIGHEST version ran correctly but slowly on one H200 (../shared/measurements/h200-2026-11-28.md);
+the low-precision settings have not run on a GPU yet (`scripts/gpu_check.py`). `tests/test_fftconv_lowering.py`
+checks on CPU that forward and backward lower for "cuda" (Triton) and "tpu" (Mosaic) through `jax.export`
+at every precision; `scripts/kernel_resources.py` compiles them for sm_90 and reports spills.
 """
 
 from __future__ import annotations
