@@ -211,20 +211,27 @@ def test_resume_skips_finished(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_train_run(cfg, run, train, test, **kw):
-        calls.append(run.key)
+    def fake_record(cfg, run):
         return {"key": run.key, "fingerprint": runner.run_fingerprint(cfg, run), "mixer": run.mixer.label,
                 "seq_len": run.point.seq_len, "num_kv_pairs": run.point.num_kv_pairs, "d_model": run.d_model,
                 "lr": run.lr, "seed": run.seed, "n_layers": 2, "acc": 0.5 + run.lr, "final_acc": 0.5,
                 "params": 1, "epochs": 1.0, "stop": "max_epochs", "wall_s": 0.0, "tokens_per_s": 1,
-                "vocab_size": cfg.data.vocab_size, "num_train_examples": 256, "num_test_examples": 64}
+                "vocab_size": cfg.data.vocab_size, "num_train_examples": 256, "num_test_examples": 64,
+                "group_size": 1, "startup_s": 0.0}
 
-    monkeypatch.setattr(runner, "train_run", fake_train_run)
+    def fake_train_group(cfg, runs, train, test, *, on_record, **kw):
+        calls.extend(run.key for run in runs)
+        recs = [fake_record(cfg, run) for run in runs]
+        for rec in recs:
+            on_record(rec)
+        return recs
+
+    monkeypatch.setattr(runner, "train_group", fake_train_group)
     cfg = runner.load_mqar_config(_write(tmp_path, _cfg_dict(tmp_path)))
     out = tmp_path / "out"
     runs = runner.expand_grid(cfg)
     # pretend the first learning rate finished in an earlier (interrupted) sweep
-    runner.append_result(out / "results.jsonl", fake_train_run(cfg, runs[0], None, None))
+    runner.append_result(out / "results.jsonl", fake_record(cfg, runs[0]))
     with (out / "results.jsonl").open("a") as f:
         f.write('[1, 2]\n')  # valid JSON that is not a record is skipped, not a crash
         f.write('{"key": "trunc')  # a half-written line from a killed process is ignored
