@@ -7,6 +7,13 @@ bias (H,) the D skip; gates (B, L, H). Computes, in fp32,
     y = post ⊙ (k ∗ (pre ⊙ u) + bias ⊙ (pre ⊙ u)),   (k ∗ x)_t = Σ_{s<=min(t, K-1)} k_s x_{t-s},
 and returns u's dtype. Bad shapes, dtypes and lengths raise `FFTConvError` naming the problem.
 
+Non-finite inputs: the FFT mixes every position of a channel, so one NaN or inf in u or pre_gate at
+position t, or anywhere in k, makes EVERY output of that channel non-finite, positions before t
+included (a direct causal conv would keep them finite); in the block-Toeplitz partial mode the damage
+is limited to t's chunk of C samples and the next one. A non-finite bias[h] poisons channel h; a
+non-finite post_gate entry only its own output. `fftconv(..., check_finite=True)` raises instead,
+naming the argument (see `raise_if_non_finite`).
+
 Implementations (all compute the same function; see kernels/fftconv/conv.py and monarch.py):
   "xla"         jnp.fft rfft/irfft with zero padding (fp32);
   "xla-matmul"  the FFT written as 2-4 stages of small DFT-matrix matmuls + twiddles (plain XLA);
@@ -18,12 +25,13 @@ y = Re IFFT(FFT(x) FFT(k) M) with M = monarch.expand_freq_mask(freq_mask, N), N 
 
 from __future__ import annotations
 
+import functools
 import os
-
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels.fftconv import conv as _conv
 from kernels.fftconv import monarch as _monarch
@@ -67,8 +75,16 @@ def _check_float(name: str, x, allowed=_INPUT_DTYPES) -> None:
         raise FFTConvError(f"fftconv: {name} has dtype {x.dtype}; expected one of {names}")
 
 
+def _check_array(name: str, x) -> None:
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise FFTConvError(f"fftconv: {name} must be a jax or numpy array, got {type(x).__name__}")
+
+
 def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None) -> None:
     """Raise FFTConvError unless the arguments have the documented shapes and dtypes."""
+    for name, x in (("u", u), ("k", k), ("bias", bias), ("pre_gate", pre_gate), ("post_gate", post_gate)):
+        if x is not None:
+            _check_array(name, x)
     if getattr(u, "ndim", None) != 3:
         raise FFTConvError(f"fftconv: u must have shape (batch, length, channels); got shape {jnp.shape(u)}")
     if getattr(k, "ndim", None) != 2:
@@ -109,6 +125,31 @@ def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None) -> 
             raise FFTConvError(f"fftconv: {err} (L={seqlen}, K={ksize}: N={n}, grid ({f0}, {fl}))") from None
 
 
+_CHECKED_ARGS = ("u", "k", "bias", "pre_gate", "post_gate")
+
+
+def _raise_on_false(names: tuple[str, ...], finite) -> None:
+    bad = [name for name, ok in zip(names, np.asarray(finite)) if not ok]
+    if bad:
+        raise FFTConvError(f"fftconv: {bad[0]} holds a non-finite value (NaN or inf) (check_finite=True)")
+
+
+def raise_if_non_finite(u, k, bias=None, pre_gate=None, post_gate=None) -> None:
+    """Raise FFTConvError naming the first of u, k, bias, pre_gate, post_gate holding a NaN or inf.
+
+    Concrete arrays: raises here. Traced arrays (inside jax.jit / nnx.jit / grad): the reduction runs
+    on the device and a `jax.debug.callback` raises when the computation executes; JAX surfaces it as a
+    `JaxRuntimeError` whose message contains the FFTConvError text. Cost: one pass over each argument.
+    """
+    named = [(name, x) for name, x in zip(_CHECKED_ARGS, (u, k, bias, pre_gate, post_gate)) if x is not None]
+    names = tuple(name for name, _ in named)
+    finite = jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in named])
+    if isinstance(finite, jax.core.Tracer):
+        jax.debug.callback(functools.partial(_raise_on_false, names), finite)
+    else:
+        _raise_on_false(names, finite)
+
+
 def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = None) -> str:
     """The implementation `impl="auto"` picks for this backend and length.
 
@@ -127,13 +168,19 @@ def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = No
     return "xla"
 
 
-def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, impl: str = "auto"):
+def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, impl: str = "auto",
+            check_finite: bool = False):
     """Causal long convolution (see module docstring). ``impl``: "auto" or a key of IMPLEMENTATIONS.
 
     ``freq_mask``: None (dense) or a static boolean (G0, G1) block mask over the plan's frequency grid
     (`kernels.fftconv.monarch.freq_grid(L, K)` gives (N, f0, f_last); G0 | f0, G1 | f_last).
+    A NaN/inf at one position of u makes the whole channel's output non-finite (module docstring);
+    ``check_finite=True`` raises FFTConvError naming the argument instead (`raise_if_non_finite`:
+    eagerly, or under jit when the computation runs).
     """
     validate(u, k, bias, pre_gate, post_gate, freq_mask)
+    if check_finite:
+        raise_if_non_finite(u, k, bias, pre_gate, post_gate)
     if impl == "auto":
         impl = default_impl(u.shape[1], jax.default_backend(), k.shape[0])
     if impl not in IMPLEMENTATIONS:
