@@ -310,15 +310,18 @@ def test_evaluation_scores_chance_and_known_answers(tmp_path):
     model = LM(runner.model_config_for(cfg, run), rngs=nnx.Rngs(0))
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = jax.tree.map(lambda a: a[None], (params, rest))  # a group of one member
     _, eval_step = runner._build_steps(graphdef, graphdef, optax.sgd(0.0))
+
+    def evaluate(params, split):
+        accs, _ = runner.evaluate(eval_step, params, rest, runner.eval_batches(split, 2), split.inputs.shape[0])
+        return accs[0]
+
     split = runner.make_split(cfg, run.point, train=False)
-    acc, _ = runner.evaluate(eval_step, params, rest, split, batch_size=2)
-    assert acc < 0.1
-    acc, _ = runner.evaluate(eval_step, jax.tree.map(jnp.zeros_like, params), rest, split, batch_size=2)
-    assert acc == 0.0
+    assert evaluate(params, split) < 0.1
+    assert evaluate(jax.tree.map(jnp.zeros_like, params), split) == 0.0
     x, pos = split.inputs[:3], split.positions[:3]
     predicted = np.take_along_axis(np.asarray(jnp.argmax(model(jnp.asarray(x)), -1)), pos, axis=1)
     wrong = (predicted + 1) % cfg.data.vocab_size
     targets = np.stack([wrong[0], [predicted[1, 0], wrong[1, 1]], predicted[2]]).astype(np.int32)
-    acc, _ = runner.evaluate(eval_step, params, rest, runner.MQARSplit(x, pos, targets), batch_size=2)
-    assert acc == pytest.approx(0.5)
+    assert evaluate(params, runner.MQARSplit(x, pos, targets)) == pytest.approx(0.5)
