@@ -76,9 +76,12 @@ def _solo_history(cfg, run, train, test, eval_steps):
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     out = {}
+    orders = runner.epoch_orders(cfg.data.train_seed, train.inputs.shape[0], cfg.data.reshuffle)
+    order = None
     for s in range(max(eval_steps)):
         epoch, i = divmod(s, spe)
-        order = runner.epoch_order(cfg.data.train_seed, epoch, train.inputs.shape[0], cfg.data.reshuffle)
+        if i == 0:
+            order = next(orders)
         idx = order[i * bs:(i + 1) * bs]
         loss = _solo_step(model, opt, *(jnp.asarray(a[idx]) for a in (train.inputs, train.positions, train.targets)))
         if s + 1 in eval_steps:

@@ -350,11 +350,17 @@ def group_runs(runs: list[Run]) -> list[list[Run]]:
     return groups
 
 
-def epoch_order(train_seed: int, epoch: int, n_rows: int, reshuffle: bool) -> np.ndarray:
-    """Row order of one epoch, a function of (train_seed, epoch) only, so a resumed run sees the same batches."""
-    if not reshuffle:
-        return np.arange(n_rows)
-    return np.random.default_rng([train_seed, epoch]).permutation(n_rows)
+def epoch_orders(train_seed: int, n_rows: int, reshuffle: bool, first_epoch: int = 0):
+    """Row orders of epochs ``first_epoch``, ``first_epoch + 1``, ...: permutations drawn in turn from one
+    generator seeded by ``train_seed`` (the earlier epochs' draws are replayed, so a resumed run sees the
+    same batches as an uninterrupted one)."""
+    rng = np.random.default_rng(7919 * train_seed + 1)
+    epoch = 0
+    while True:
+        order = rng.permutation(n_rows) if reshuffle else np.arange(n_rows)
+        if epoch >= first_epoch:
+            yield order
+        epoch += 1
 
 
 def _build_steps(graphdef_train, graphdef_eval, tx):
@@ -539,7 +545,7 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
     """Train the runs of one group (same point, mixer, d_model; see `group_runs`) together and return one
     record per run (see `run_record`); ``on_record(record)`` is called as soon as a run ends.
 
-    Every member sees the same batches (order from `epoch_order`), is evaluated after every epoch (or
+    Every member sees the same batches (order from `epoch_orders`), is evaluated after every epoch (or
     ``train.eval_every_steps``) and leaves the stacked step once its test accuracy exceeds
     ``train.early_stop_acc``. ``train.max_run_seconds`` caps the group's wall time (checked every step;
     stop ``time_limit``). ``deadline`` (a ``time.perf_counter()`` value) stops the group before it, with
@@ -608,7 +614,7 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
                     file=sys.stderr, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                     "[{elapsed}<up to {remaining}{postfix}]")  # early stop usually ends it sooner
     stop = "max_epochs"
-    order, order_epoch = None, -1
+    orders, order, order_epoch = None, None, -1
     step_time = eval_time = startup = None  # startup: entry to the first synced steps (setup, compilation)
     seg_start, seg_steps = time.perf_counter(), 0
     try:
@@ -623,7 +629,9 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
                 stop = "time_budget"
                 break
             if order_epoch != epoch:
-                order, order_epoch = epoch_order(cfg.data.train_seed, epoch, n_train, cfg.data.reshuffle), epoch
+                if orders is None:
+                    orders = epoch_orders(cfg.data.train_seed, n_train, cfg.data.reshuffle, first_epoch=epoch)
+                order, order_epoch = next(orders), epoch
             params, opt_state, rest, loss, _ = train_step(params, opt_state, rest, lrs, data,
                                                           order[i * bs:(i + 1) * bs])
             step += 1
