@@ -213,20 +213,27 @@ def test_resume_skips_finished(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_train_run(cfg, run, train, test, **kw):
-        calls.append(run.key)
+    def fake_record(cfg, run):
         return {"key": run.key, "fingerprint": runner.run_fingerprint(cfg, run), "mixer": run.mixer.label,
                 "seq_len": run.point.seq_len, "num_kv_pairs": run.point.num_kv_pairs, "d_model": run.d_model,
                 "lr": run.lr, "seed": run.seed, "n_layers": 2, "acc": 0.5 + run.lr, "final_acc": 0.5,
                 "params": 1, "epochs": 1.0, "stop": "max_epochs", "wall_s": 0.0, "tokens_per_s": 1,
-                "vocab_size": cfg.data.vocab_size, "num_train_examples": 256, "num_test_examples": 64}
+                "vocab_size": cfg.data.vocab_size, "num_train_examples": 256, "num_test_examples": 64,
+                "group_size": 1, "startup_s": 0.0}
 
-    monkeypatch.setattr(runner, "train_run", fake_train_run)
+    def fake_train_group(cfg, runs, train, test, *, on_record, **kw):
+        calls.extend(run.key for run in runs)
+        recs = [fake_record(cfg, run) for run in runs]
+        for rec in recs:
+            on_record(rec)
+        return recs
+
+    monkeypatch.setattr(runner, "train_group", fake_train_group)
     cfg = runner.load_mqar_config(_write(tmp_path, _cfg_dict(tmp_path)))
     out = tmp_path / "out"
     runs = runner.expand_grid(cfg)
     # pretend the first learning rate finished in an earlier (interrupted) sweep
-    runner.append_result(out / "results.jsonl", fake_train_run(cfg, runs[0], None, None))
+    runner.append_result(out / "results.jsonl", fake_record(cfg, runs[0]))
     with (out / "results.jsonl").open("a") as f:
         f.write('[1, 2]\n')  # valid JSON that is not a record is skipped, not a crash
         f.write('{"key": "trunc')  # a half-written line from a killed process is ignored
@@ -303,15 +310,18 @@ def test_evaluation_scores_chance_and_known_answers(tmp_path):
     model = LM(runner.model_config_for(cfg, run), rngs=nnx.Rngs(0))
     model.eval()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = jax.tree.map(lambda a: a[None], (params, rest))  # a group of one member
     _, eval_step = runner._build_steps(graphdef, graphdef, optax.sgd(0.0))
+
+    def evaluate(params, split):
+        accs, _ = runner.evaluate(eval_step, params, rest, runner.eval_batches(split, 2), split.inputs.shape[0])
+        return accs[0]
+
     split = runner.make_split(cfg, run.point, train=False)
-    acc, _ = runner.evaluate(eval_step, params, rest, split, batch_size=2)
-    assert acc < 0.1
-    acc, _ = runner.evaluate(eval_step, jax.tree.map(jnp.zeros_like, params), rest, split, batch_size=2)
-    assert acc == 0.0
+    assert evaluate(params, split) < 0.1
+    assert evaluate(jax.tree.map(jnp.zeros_like, params), split) == 0.0
     x, pos = split.inputs[:3], split.positions[:3]
     predicted = np.take_along_axis(np.asarray(jnp.argmax(model(jnp.asarray(x)), -1)), pos, axis=1)
     wrong = (predicted + 1) % cfg.data.vocab_size
     targets = np.stack([wrong[0], [predicted[1, 0], wrong[1, 1]], predicted[2]]).astype(np.int32)
-    acc, _ = runner.evaluate(eval_step, params, rest, runner.MQARSplit(x, pos, targets), batch_size=2)
-    assert acc == pytest.approx(0.5)
+    assert evaluate(params, runner.MQARSplit(x, pos, targets)) == pytest.approx(0.5)

@@ -64,9 +64,19 @@ def published(mixer: str, seq_len: int, num_kv_pairs: int, d_model: int) -> floa
     return row.get(base)
 
 
+CUT_STOPS = ("time_limit", "time_budget", "interrupted")  # stopped by a clock or Ctrl-C, not by the stopping rule
+
+
+def stop_mark(record: dict) -> str:
+    """" [cut]" for a run stopped before its stopping rule (see CUT_STOPS), " [e]" for an early stop,
+    "" for a run that trained all its epochs."""
+    stop = record.get("stop")
+    return " [cut]" if stop in CUT_STOPS else (" [e]" if stop == "early_stop" else "")
+
+
 def markdown_table(records: list[dict], title: str | None = None, compare: bool = True) -> str:
-    """Best-over-lr accuracy per (L, P, d_model) row and mixer column; Zoology's figure value in
-    parentheses where the point is in its Figure 2."""
+    """Best-over-lr accuracy per (L, P, d_model) row and mixer column, marked by `stop_mark`; Zoology's
+    figure value in parentheses where the point is in its Figure 2."""
     if not records:
         return (f"## {title}\n\n" if title else "") + "(no finished runs)"
     best = best_over_lr(records)
@@ -85,7 +95,7 @@ def markdown_table(records: list[dict], title: str | None = None, compare: bool 
             if r is None:
                 cells.append("–")
                 continue
-            cell = f"{r['acc']:.3f}"
+            cell = f"{r['acc']:.3f}{stop_mark(r)}"
             pub = published(m, L, P, d) if compare else None
             if pub is not None:
                 any_pub = True
@@ -104,6 +114,9 @@ def markdown_table(records: list[dict], title: str | None = None, compare: bool 
         + f"; n_layers {'/'.join(map(str, layers))}; V {some['vocab_size']}, {some['num_train_examples']:,} train / "
         f"{some['num_test_examples']:,} test rows.",
     ]
+    if any(stop_mark(r) for r in best.values()):
+        lines.append("[e]: stopped early (test accuracy above the early-stop threshold); [cut]: stopped by a time limit "
+                     "(train.max_run_seconds, --time-budget) or Ctrl-C before its stopping rule, so a lower bound.")
     if any_pub:
         lines.append("In parentheses: Zoology Figure 2, read off the published plot (±0.02), same (L, P, d_model).")
     return "\n".join(lines)

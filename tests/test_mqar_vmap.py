@@ -1,0 +1,314 @@
+"""MQAR runner: vmapped groups of runs equal separate runs; time budget, Ctrl-C records and exact resume."""
+
+from __future__ import annotations
+
+
+import optax
+import pytest
+from flax import nnx
+
+from lm.mqar import runner
+
+STEPS_PER_EPOCH = 25  # 400 rows / batch 16
+
+
+def _cfg(tmp_path, **train):
+    import yaml
+
+    d = {
+        "name": "vmap",
+        "data": {"vocab_size": 32, "num_train_examples": 400, "num_test_examples": 64},
+        "model": {"init_std": 0.1, "n_layers": 1},  # one layer: the compilations dominate these tests
+        # attention dropout: each member must carry its own dropout RNG stream
+        "mixers": [{"label": "attention", "mixer": {"name": "attention", "rotary": True, "init_std": 0.1,
+                                                     "dropout": 0.1}}],
+        "grid": {"points": [{"seq_len": 16, "num_kv_pairs": 2, "batch_size": 16}], "d_models": [16],
+                 "lrs": [1e-3, 1e-2], "seeds": [0, 1]},
+        "train": {"max_epochs": 8, "eval_every_steps": 20, "early_stop_acc": 1.1, **train},
+    }
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return runner.load_mqar_config(p)
+
+
+def _scored_logits(model, x, pos):
+    import jax.numpy as jnp
+
+    return jnp.take_along_axis(model(x), pos[:, :, None], axis=1)
+
+
+@nnx.jit
+def _solo_step(model, opt, x, pos, y):
+    def loss_fn(model):
+        return optax.softmax_cross_entropy_with_integer_labels(_scored_logits(model, x, pos), y).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    opt.update(model, grads)
+    return loss
+
+
+@nnx.jit
+def _solo_test_metrics(model, x, pos, y):
+    import jax.numpy as jnp
+
+    logits = _scored_logits(model, x, pos)
+    return (jnp.argmax(logits, -1) == y).mean(), optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+
+def _solo_history(cfg, run, train, test, eval_steps):
+    """One run trained alone, written independently of the runner: plain NNX model and optax AdamW with the
+    run's own learning rate, full-sequence logits (no gather before the head), the runner's batch order.
+    Returns {step: (train_loss, test_acc, test_loss)} at ``eval_steps``."""
+    import jax
+    import jax.numpy as jnp
+
+    from lm.model import LM
+    from lm.optim import OptimizerConfig, make_optimizer, model_label_map
+
+    tc = cfg.train
+    model = LM(runner.model_config_for(cfg, run), rngs=nnx.Rngs(params=run.seed, dropout=run.seed + 1))
+    bs = run.point.batch_size
+    spe = train.inputs.shape[0] // bs
+    tx = make_optimizer(OptimizerConfig(lr=run.lr, min_lr_ratio=tc.min_lr_ratio, warmup_steps=tc.warmup_steps,
+                                        b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
+                                        grad_clip=tc.grad_clip, filter_weight_decay=0.0),
+                        spe * tc.max_epochs, model_label_map(model))
+    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    out = {}
+    orders = runner.epoch_orders(cfg.data.train_seed, train.inputs.shape[0], cfg.data.reshuffle)
+    order = None
+    for s in range(max(eval_steps)):
+        epoch, i = divmod(s, spe)
+        if i == 0:
+            order = next(orders)
+        idx = order[i * bs:(i + 1) * bs]
+        loss = _solo_step(model, opt, *(jnp.asarray(a[idx]) for a in (train.inputs, train.positions, train.targets)))
+        if s + 1 in eval_steps:
+            model.eval()
+            acc, tl = _solo_test_metrics(model, *(jnp.asarray(a) for a in (test.inputs, test.positions, test.targets)))
+            model.train()
+            out[s + 1] = (float(loss), float(acc), float(tl))
+    jax.block_until_ready(nnx.state(model))
+    return out
+
+
+def test_vmapped_group_equals_runs_trained_alone(tmp_path):
+    """Four members (2 lrs x 2 seeds) in one vmapped step follow the trajectories of the same runs trained
+    alone, for 200 steps; members that early-stop leave the stacked step and the others go on unchanged."""
+    cfg = _cfg(tmp_path, early_stop_acc=0.40)
+    runs = runner.expand_grid(cfg)
+    train = runner.make_split(cfg, runs[0].point, True)
+    test = runner.make_split(cfg, runs[0].point, False)
+    recs = runner.train_group(cfg, runs, train, test, progress=False)
+    by_key = {r["key"]: r for r in recs}
+    assert sorted(by_key) == sorted(r.key for r in runs) and all(r["group_size"] == 4 for r in recs)
+    stops = {r["stop"] for r in recs}
+    assert stops == {"early_stop", "max_epochs"}, [(r["key"], r["stop"], r["steps"]) for r in recs]
+    total = 8 * STEPS_PER_EPOCH
+    for run in runs:
+        rec = by_key[run.key]
+        hist = {h["step"]: h for h in rec["history"]}
+        assert max(hist) == rec["steps"] and (rec["stop"] == "early_stop") == (rec["steps"] < total)
+        solo = _solo_history(cfg, run, train, test, sorted(hist))
+        for s, (loss, acc, test_loss) in solo.items():
+            h = hist[s]
+            assert h["train_loss"] == pytest.approx(loss, abs=2e-4), (run.key, s)
+            assert h["test_loss"] == pytest.approx(test_loss, abs=2e-4), (run.key, s)
+            assert h["test_acc"] == pytest.approx(acc, abs=1e-3), (run.key, s)
+        assert rec["acc"] == pytest.approx(max(a for _, a, _ in solo.values()), abs=1e-3)
+
+
+def _final(path):
+    return {r["key"]: r for r in runner.read_results(path) if r["stop"] in runner.FINAL_STOPS}
+
+
+def _strip(rec):
+    return {k: v for k, v in rec.items() if k not in ("wall_s", "cpu_s", "tokens_per_s", "startup_s")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ref")
+    cfg = _cfg(tmp, max_epochs=2)
+    runner.sweep(cfg, tmp / "out", progress=False, report=False)
+    return _final(tmp / "out" / "results.jsonl")
+
+
+class _StepCounter:
+    """Wraps `runner._build_steps` so that every training step is counted, and Ctrl-C can be simulated
+    right before step ``interrupt_at`` (1-based, counted over all calls)."""
+
+    def __init__(self, monkeypatch, interrupt_at=None, clock=None):
+        self.calls, self.interrupt_at, self.clock = 0, interrupt_at, clock
+        build = runner._build_steps
+
+        def counting_build(*args):
+            train_step, eval_step = build(*args)
+
+            def counted_step(*a):
+                if self.calls + 1 == self.interrupt_at:
+                    self.interrupt_at = None
+                    raise KeyboardInterrupt
+                self.calls += 1
+                if self.clock is not None:
+                    self.clock.t += 1.0  # a step takes one (fake) second
+                return train_step(*a)
+
+            return counted_step, eval_step
+
+        monkeypatch.setattr(runner, "_build_steps", counting_build)
+
+
+def test_ctrl_c_records_interrupted_runs_and_rerun_resumes_exactly(tmp_path, monkeypatch, uninterrupted):
+    cfg = _cfg(tmp_path, max_epochs=2)
+    out = tmp_path / "out"
+    counter = _StepCounter(monkeypatch, interrupt_at=33)
+    with pytest.raises(KeyboardInterrupt):
+        runner.sweep(cfg, out, progress=False)
+    recs = runner.read_results(out / "results.jsonl")
+    assert len(recs) == 4 and {r["stop"] for r in recs} == {"interrupted"} and {r["steps"] for r in recs} == {32}
+    assert runner.checkpoint_path(out, runner.expand_grid(cfg)).is_file()
+    assert "[cut]" in (out / "table.md").read_text()  # the report is written and marks the cut runs
+
+    runner.sweep(cfg, out, progress=False)
+    assert counter.calls == 2 * STEPS_PER_EPOCH  # resumed at step 33, no step repeated
+    resumed = _final(out / "results.jsonl")
+    assert sorted(resumed) == sorted(uninterrupted)
+    for key, rec in resumed.items():
+        assert _strip(rec) == _strip(uninterrupted[key])  # same history and accuracy as never interrupted
+    assert not runner.checkpoint_path(out, runner.expand_grid(cfg)).exists()
+
+
+class _FakeClock:
+    """perf_counter advancing ``per_call`` seconds per call: time limits then cut at deterministic steps."""
+
+    def __init__(self, per_call=1.0):
+        self.t, self.per_call = 0.0, per_call
+
+    def perf_counter(self):
+        self.t += self.per_call
+        return self.t
+
+    @staticmethod
+    def process_time():
+        return 0.0
+
+
+@pytest.mark.slow  # four sweeps, each compiling its step: ~1 min of CPU
+def test_time_budget_stops_before_it_and_rerun_continues(tmp_path, monkeypatch, uninterrupted, capsys):
+    import argparse
+
+    clock = _FakeClock()
+    monkeypatch.setattr(runner, "time", clock)
+    counter = _StepCounter(monkeypatch)
+    cfg_path = tmp_path / "cfg.yaml"
+    _cfg(tmp_path, max_epochs=2)
+    out = tmp_path / "out"
+    budget = 40.0  # fake seconds; the whole group takes ~75
+    args = argparse.Namespace(config=str(cfg_path), overrides=["train.max_epochs=2"], out=str(out), time_budget=budget,
+                              dry_run=False, report_only=False, no_progress=True, verbose=False)
+    assert runner.main(args) == runner.EXIT_INCOMPLETE
+    assert clock.t <= budget  # the whole call ended before the budget, by the (fake) clock
+    recs = runner.read_results(out / "results.jsonl")
+    assert {r["stop"] for r in recs} == {"time_budget"} and 0 < recs[0]["steps"] < 2 * STEPS_PER_EPOCH
+    assert "rerun the same command" in capsys.readouterr().err
+    for _ in range(10):  # short calls until the grid is done
+        start = clock.t
+        status = runner.main(args)
+        assert clock.t - start <= budget
+        if status != runner.EXIT_INCOMPLETE:
+            break
+    assert status == 0
+    assert counter.calls == 2 * STEPS_PER_EPOCH  # every call went on where the previous one stopped
+    resumed = _final(out / "results.jsonl")
+    assert sorted(resumed) == sorted(uninterrupted)
+    for key, rec in resumed.items():
+        assert _strip(rec) == _strip(uninterrupted[key])
+
+
+def test_evaluation_lines_and_max_run_seconds(tmp_path, monkeypatch, capsys):
+    """Each evaluation is a plain line naming every member's test accuracy (not glued onto the bar, which
+    shows test accuracy too); ``train.max_run_seconds`` stops within a few steps of its cap."""
+    clock = _FakeClock(per_call=0.0)
+    monkeypatch.setattr(runner, "time", clock)
+    _StepCounter(monkeypatch, clock=clock)  # time advances 1 s per training step only
+    cfg = _cfg(tmp_path, max_epochs=1, eval_every_steps=5, max_run_seconds=12.5)
+    runs = runner.expand_grid(cfg)[0:3:2]  # lr 1e-3 and 1e-2, seed 0
+    train = runner.make_split(cfg, runs[0].point, True)
+    test = runner.make_split(cfg, runs[0].point, False)
+    recs = runner.train_group(cfg, runs, train, test, progress=True)
+    # checked before every step: step 14 would start after 13 s > 12.5 s (not at the next evaluation, step 15)
+    assert [(r["stop"], r["steps"]) for r in recs] == [("time_limit", 13)] * 2
+    err = capsys.readouterr().err
+    line = next(ln for ln in err.splitlines() if ln.startswith("attention|L16|P2|d16 epoch 0.40 (step 10) test acc"))
+    assert "lr 0.001: " in line and "lr 0.01: " in line, line
+    bars = [ln for ln in err.replace("\r", "\n").splitlines() if "%|" in ln]
+    assert any("test acc 0." in b for b in bars)
+
+
+def test_table_marks_cut_and_early_stopped_runs():
+    from lm.mqar import report
+
+    def rec(mixer, d, acc, stop):
+        return {"mixer": mixer, "seq_len": 64, "num_kv_pairs": 4, "d_model": d, "lr": 1e-3, "seed": 0, "acc": acc,
+                "stop": stop, "n_layers": 2, "vocab_size": 8192, "num_train_examples": 100000,
+                "num_test_examples": 3000}
+
+    recs = [rec("attention", 64, 0.97, "time_budget"), rec("hyena", 64, 0.995, "early_stop"),
+            rec("baseconv", 64, 0.70, "max_epochs"), rec("attention", 128, 0.99, "interrupted"),
+            rec("hyena", 128, 0.5, "time_limit"), rec("baseconv", 128, 0.9, "early_stop")]
+    table = report.markdown_table(recs)
+    assert "| 64 (4) | 64 | 0.970 [cut] (1.00) | 0.995 [e] (0.52) | 0.700 (0.70) |" in table
+    assert "| 64 (4) | 128 | 0.990 [cut] (1.00) | 0.500 [cut] (0.75) | 0.900 [e] (0.94) |" in table
+    assert "[cut]: stopped by a time limit" in table
+
+
+def test_output_directory_rule_is_stated_once_everywhere():
+    import argparse
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    rule = runner.OUTPUT_DIR_RULE
+    parser = argparse.ArgumentParser()
+    runner.add_arguments(parser)
+    assert rule in " ".join(parser.format_help().split())
+    for doc in ("README.md", "results/mqar/README.md"):
+        assert rule in (root / doc).read_text(), doc
+    cfg = runner.MQARConfig(name="x", out_dir=None)
+    assert runner.output_dir(cfg) == pathlib.Path("runs/mqar/x")
+    assert runner.output_dir(runner.MQARConfig(name="x", out_dir="a")) == pathlib.Path("a")
+    assert runner.output_dir(runner.MQARConfig(name="x", out_dir="a"), "b") == pathlib.Path("b")
+
+
+def test_keep_freed_memory_keeps_freed_buffers_resident():
+    """A 64 MB buffer freed and allocated again: with glibc's defaults it is a fresh mmap each time and
+    every page faults in again (as XLA's CPU buffers did on every step); after `keep_freed_memory` the
+    freed memory stays in the heap and the next buffer reuses its resident pages."""
+    import os
+    import pathlib
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt tuning is glibc-only")
+    code = """
+import resource, sys
+import numpy as np
+from lm.mqar.runner import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    buf = np.ones(16 * 1024 * 1024, np.float32)  # 64 MB, every page touched
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del buf
+print(sum(faults[1:]))  # the first allocation faults in either case
+"""
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env,
+                                       check=True).stdout.split()[-1]) for mode in ("default", "keep")}
+    # default: >= 32 faults per allocation (16k with 4 kB pages, 32 with 2 MB huge pages); kept: ~none
+    assert faults["default"] >= 4 * 32 and faults["keep"] * 10 < faults["default"], faults
