@@ -77,7 +77,7 @@ def main() -> int:
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from kernels.fftconv.bench import machine_info
+    from bench_pretrain import machine  # scripts/ is on sys.path when run as a script
     from lm.data import BatchLoader, PackedTokens
     from lm.train import load_train_config
 
@@ -100,7 +100,6 @@ def main() -> int:
             batches, spend = make()
             next(batches)  # warm-up (thread start, first permutation)
             waits[name] += time_batches(batches, args.batches, spend)
-    info = machine_info()
     rows = []
     for name, w in waits.items():
         ms = [x * 1e3 for x in w]
@@ -109,8 +108,7 @@ def main() -> int:
     meta = {
         "command": "python scripts/bench_loader.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": f"{info['backend'].upper()} ({info['device_kind']}); host CPU {info['cpu']}, "
-                   f"{info['cpu_count']} logical cores; jax {info['jax']}",
+        "machine": machine(),
         "config": args.config, "batch_size": batch_size, "block_size": block_size,
         "batch_mib": batch_size * block_size * 12 / 2**20, "stream_tokens": args.tokens,
         "step_ms": args.step_ms, "batches_per_path": args.batches * args.rounds,

@@ -357,6 +357,12 @@ def test_grain_loader_batches_are_a_pure_function_of_seed_and_index():
         seen = np.concatenate([ahead.indices(epoch * steps + k) for k in range(steps)])
         assert len(set(seen.tolist())) == steps * 4 and seen.min() >= 0 and seen.max() < data.num_blocks
     assert not np.array_equal(ahead.indices(0), ahead.indices(steps))
+    # The order is grain's own per-epoch shuffle of the blocks (MapDataset.shuffle reseeds each epoch).
+    order = grain.MapDataset.range(data.num_blocks).shuffle(seed=5)
+    for j in (0, 7, steps, 2 * steps + 1):
+        epoch, k = divmod(j, steps)
+        start = epoch * data.num_blocks + k * 4
+        np.testing.assert_array_equal(ahead.indices(j), [order[i] for i in range(start, start + 4)])
 
 
 def test_bundle_facade_resume(text_file):

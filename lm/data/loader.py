@@ -110,10 +110,10 @@ def _assemble(block_source, row_indices: np.ndarray, mask: np.ndarray, block_siz
 class BatchLoader:
     """Seeded, epoch-shuffled, exactly resumable training batches of `PackedTokens` blocks, on grain.
 
-    The batches are a `grain.MapDataset`: batch ``j`` (epoch ``j // steps_per_epoch``) holds blocks
-    ``order[e·N + k·B : e·N + (k+1)·B]`` of grain's index shuffle of the N blocks (a fresh permutation
-    each epoch, seeded by ``seed + epoch``), so any batch is a pure function of (seed, j) and no
-    permutation array is materialised. Each process gathers only the rows of the global batch its
+    The batches are a `grain.MapDataset`: batch ``j = e·steps_per_epoch + k`` holds rows k·B .. (k+1)·B-1
+    of epoch e's permutation of the N blocks, grain's index shuffle seeded by ``seed + e`` (the
+    permutation `grain.MapDataset.shuffle` uses, computed per row: no permutation array is
+    materialised), so any batch is a pure function of (seed, j). Each process gathers only the rows of the global batch its
     devices hold (see `_assemble`), so the global batch does not depend on the number of processes.
     Batches are produced ``prefetch`` ahead in a grain reader thread (0 = synchronously).
 
@@ -139,7 +139,6 @@ class BatchLoader:
         self.seed = int(seed)
         self.sharding = sharding
         self.prefetch = int(prefetch)
-        self._block_order = grain.MapDataset.range(data.num_blocks).shuffle(seed=self.seed)
         self.dataset = (grain.MapDataset.range(self.steps_per_epoch).repeat()
                         .map_with_index(lambda j, _: self.batch(j)))
         self._read_options = grain.ReadOptions(num_threads=min(self.prefetch, 1), prefetch_buffer_size=self.prefetch)
@@ -163,12 +162,15 @@ class BatchLoader:
         return self.position % self.steps_per_epoch
 
     def indices(self, j: int) -> np.ndarray:
-        """Global block indices of batch ``j`` (a pure function of seed and j)."""
+        """Global block indices of batch ``j``: rows k·B .. (k+1)·B-1 of epoch e's permutation, where
+        ``j = e·steps_per_epoch + k`` (grain's index shuffle, as `grain.MapDataset.shuffle` uses it)."""
+        from grain.experimental import index_shuffle
+
         epoch, step = divmod(int(j), self.steps_per_epoch)
-        start = epoch * self.data.num_blocks + step * self.batch_size
-        order = np.fromiter((self._block_order[i] for i in range(start, start + self.batch_size)), np.int64,
-                            self.batch_size)
-        return order % self.data.num_blocks  # the shuffle offsets epoch e by e·N
+        seed, last = (self.seed + epoch) % 2**32, self.data.num_blocks - 1
+        rows = range(step * self.batch_size, (step + 1) * self.batch_size)
+        return np.fromiter((index_shuffle(i, max_index=last, seed=seed, rounds=4) for i in rows), np.int64,
+                           self.batch_size)
 
     def batch(self, j: int) -> Batch:
         """Batch ``j`` (this process's rows, a global array when sharded)."""
