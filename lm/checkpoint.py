@@ -14,15 +14,24 @@ as their raw ``key_data``. The "meta" item holds the step, every array's shape a
 loader position and free-form extras.
 
 Writes are atomic: orbax writes into a temporary directory and renames it when complete, so a crash
-mid-save leaves the previous checkpoints untouched; ``keep`` bounds how many are kept. Before any
-array is read, the saved shapes are compared with the model being restored and a mismatch raises
-`CheckpointError` naming the first differing parameter (nothing is written in that case).
+mid-save (an async save included) leaves only that temporary directory, which the next writable
+`Checkpointer` removes; ``keep`` bounds how many committed steps are kept. Before any array is read,
+the saved shapes are compared with the model being restored and a mismatch raises `CheckpointError`
+naming the first differing parameter (nothing is written in that case).
+
+Damaged steps: a committed step whose files cannot be read (a truncated array file, corrupt metadata)
+raises `DamagedCheckpointError`. `Checkpointer.restore_newest` (used to resume training and by
+`load_run` when no step is asked for) then falls back to the newest step that restores and reports the
+skipped steps; nothing here deletes them. Training moves a skipped step aside to
+``checkpoints/<step>.damaged`` (`Checkpointer.set_aside`) so it can write that step again; a set-aside
+step is no longer a checkpoint, so it does not count towards ``keep`` and is never removed.
 """
 
 from __future__ import annotations
 
 import logging
 import pathlib
+import sys
 from typing import Any
 
 import jax
@@ -30,9 +39,27 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lm.run_config import TrainConfig, load_train_config
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the model; the message says which."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A committed checkpoint step exists but its files cannot be read (truncated or corrupt)."""
+
+    def __init__(self, step: int, reason: str, directory: pathlib.Path):
+        self.step, self.reason = int(step), reason
+        super().__init__(f"checkpoint step {step} in {directory} cannot be restored: {reason}")
+
+
+def _short_reason(error: BaseException, limit: int = 200) -> str:
+    """The innermost cause of ``error``, first line, at most ``limit`` characters."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _path_str(path) -> str:
@@ -112,6 +139,29 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def set_aside(self, steps: list[int]) -> list[pathlib.Path]:
+        """Rename each step directory to ``<step>.damaged`` (``.damaged.N`` if taken); returns the new paths.
+
+        The renamed directories are kept for inspection and no longer count as checkpoints. Process 0
+        renames; every process then re-reads the step list.
+        """
+        targets = []
+        for step in steps:
+            target = self.directory / f"{int(step)}.damaged"
+            n = 1
+            while target.exists():
+                n += 1
+                target = self.directory / f"{int(step)}.damaged.{n}"
+            if jax.process_index() == 0:
+                (self.directory / str(int(step))).rename(target)
+            targets.append(target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("longconv_checkpoint_set_aside")
+        self.manager.reload()
+        return targets
+
     # -- save ----------------------------------------------------------------------------------
     def save(self, step: int, state, meta: dict[str, Any] | None = None, force: bool = True) -> None:
         """Save ``state`` (any pytree of arrays / typed keys) and JSON ``meta`` at ``step``."""
@@ -137,10 +187,12 @@ class Checkpointer:
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
         step = self._resolve(step)
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - orbax raises many types
-            raise CheckpointError(f"cannot read checkpoint metadata at step {step} in {self.directory}: {e}") from e
-        return dict(out["meta"])
+            raise DamagedCheckpointError(step, f"metadata unreadable ({_short_reason(e)})", self.directory) from e
+        if not isinstance(meta, dict) or not isinstance(meta.get("arrays"), dict):
+            raise DamagedCheckpointError(step, "metadata has no 'arrays' table", self.directory)
+        return dict(meta)
 
     def read_arrays(self, step: int | None = None) -> dict[str, np.ndarray]:
         """The raw saved arrays ``{path: numpy array}`` (PRNG keys as key data) on the host."""
@@ -202,7 +254,7 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"cannot restore checkpoint at step {step} in {self.directory}: {e}") from e
+            raise DamagedCheckpointError(step, f"arrays unreadable ({_short_reason(e)})", self.directory) from e
         arrays = out["state"]
         result = {}
         for key in order:
@@ -212,6 +264,27 @@ class Checkpointer:
                 value = jax.random.wrap_key_data(value, impl=spec.get("impl") or None)
             result[key] = value
         return unflatten(treedef, order, result), meta
+
+    def restore_newest(self, target, shardings=None, prefix: str = "", strict: bool = True):
+        """`restore` the newest step that can be read; returns (tree, meta, skipped).
+
+        ``skipped`` lists the `DamagedCheckpointError` of each newer step that could not be read (newest
+        first). A step that does not fit the model is not skipped: its `CheckpointError` propagates, as
+        older steps of the same run would not fit either. Raises `CheckpointError` when there is no
+        step or none can be read.
+        """
+        skipped: list[DamagedCheckpointError] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                tree, meta = self.restore(target, step=step, shardings=shardings, prefix=prefix, strict=strict)
+            except DamagedCheckpointError as e:
+                skipped.append(e)
+                continue
+            return tree, meta, skipped
+        if not skipped:
+            raise CheckpointError(f"no checkpoint found in {self.directory}")
+        raise CheckpointError(f"no checkpoint in {self.directory} can be restored: "
+                              + "; ".join(f"step {e.step}: {e.reason}" for e in skipped))
 
     @staticmethod
     def _check(saved: dict[str, Any], wanted: dict[str, Any], step: int, prefix: str, strict: bool) -> None:
@@ -243,6 +316,13 @@ def _replicated_like(sharding):
     return sharding
 
 
+def fallback_note(skipped: list[DamagedCheckpointError], used_step: int, kept: str = "left in place") -> str:
+    """One line: the damaged steps `Checkpointer.restore_newest` skipped (and why), the step it used, and
+    what became of the damaged steps (``kept``)."""
+    reasons = "; ".join(f"step {e.step}: {e.reason}" for e in skipped)
+    return f"checkpoint {reasons}; using step {used_step} instead (damaged {'steps' if len(skipped) > 1 else 'step'} {kept})"
+
+
 def find_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
     """Accept a run directory or its ``checkpoints/`` directory; return the latter."""
     path = pathlib.Path(path)
@@ -258,12 +338,13 @@ def host_copy(tree):
     return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if _is_key(x) else x), tree)
 
 
-def load_run(run_dir: str | pathlib.Path, step: int | None = None):
+def load_run(run_dir: str | pathlib.Path, step: int | None = None) -> tuple[TrainConfig, Any, Any, int]:
     """Load a trained run for evaluation, generation or distillation.
 
-    Returns ``(cfg, model, tokenizer, step)``: the run's `lm.train.TrainConfig` (from
-    ``run_dir/config.yaml``), the `lm.model.LM` with the weights of checkpoint ``step`` (default: the
-    latest) in eval mode on the default device, the tokenizer from ``run_dir/tokenizer``, and the step.
+    Returns ``(cfg, model, tokenizer, step)``: the run's `TrainConfig` (from ``run_dir/config.yaml``), the
+    `lm.model.LM` with the weights of checkpoint ``step`` in eval mode on the default device, the
+    tokenizer from ``run_dir/tokenizer``, and the step. Without ``step``, the newest step that can be
+    read: damaged newer steps are skipped with one line on stderr (`fallback_note`) and left in place.
     Raises `CheckpointError` / `lm.config.ConfigError` / `lm.data.DataError` with a clear message when
     something is missing or does not fit.
     """
@@ -271,7 +352,6 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
 
     from lm.data import load_tokenizer
     from lm.model import LM
-    from lm.train import load_train_config
 
     run_dir = pathlib.Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
@@ -282,7 +362,12 @@ def load_run(run_dir: str | pathlib.Path, step: int | None = None):
     graphdef, state = nnx.split(abstract)
     ckpt = Checkpointer(find_checkpoint_dir(run_dir), keep=None, read_only=True)
     try:
-        restored, meta = ckpt.restore(state, step=step, prefix="model.", strict=False)
+        if step is None:
+            restored, meta, skipped = ckpt.restore_newest(state, prefix="model.", strict=False)
+            if skipped:
+                print(f"[longconv] {fallback_note(skipped, int(meta['step']))}", file=sys.stderr, flush=True)
+        else:
+            restored, meta = ckpt.restore(state, step=step, prefix="model.", strict=False)
     finally:
         ckpt.close()
     model = nnx.merge(graphdef, restored)

@@ -1,48 +1,38 @@
 """`longconv eval --run DIR`: validation loss, perplexity and bits per byte/char of a trained run.
 
-    longconv eval --run runs/ts_hyena                 # latest checkpoint, whole validation split
+    longconv eval --run runs/ts_hyena                 # newest readable checkpoint, whole validation split
     longconv eval --run runs/ts_hyena --step 500 --max-batches 20 --json
 
 Uses the run's own config and tokenizer (`lm.checkpoint.load_run`) and the data layer's validation
-split (``data.val_split`` or the held-out tail), evaluated on a single device.
+split (``data.val_split`` or the held-out tail), evaluated on a single device. Every target position of
+the split is scored once (the last partial block padded and masked); the output says how many.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 
 def evaluate_run(run_dir, step: int | None = None, max_batches: int | None = None) -> dict:
-    """{"step", "loss", "ppl", "tokens", "bits_per_byte"?, "bits_per_char"?} for ``run_dir``."""
+    """{"step", "loss", "ppl", "tokens", "batches", "whole_split", "bits_per_byte"?, "bits_per_char"?} for
+    ``run_dir`` (`lm.train.evaluate_batches`: every target position of the validation split is scored
+    once, the last partial block padded and masked; "tokens" counts them)."""
     from lm.checkpoint import load_run
     from lm.data import build_data
-    from lm.train import make_eval_step, resolve_data_paths
+    from lm.train import evaluate_batches, make_eval_step, resolve_data_paths
 
     cfg, model, tokenizer, step = load_run(run_dir, step)
     data = build_data(resolve_data_paths(cfg.data), tokenizer=tokenizer)
     graphdef, state = nnx.split(model)
-    batch_loss = jax.jit(make_eval_step(graphdef))  # the trainer's eval step: masked token-loss sum
-
-    total = count = 0.0
-    for batch in data.val_batches(max_batches=max_batches or None, pad=True):
-        s, c = batch_loss(state, {k: jnp.asarray(v) for k, v in batch.items()})
-        total, count = total + float(s), count + float(c)
-    if count == 0:
+    out = evaluate_batches(jax.jit(make_eval_step(graphdef)), state, data, max_batches or 0)
+    if not out:
         raise ValueError(f"run {run_dir} has no validation data (data.val_fraction=0 and no data.val_split)")
-    loss = total / count
-    out = {"step": step, "loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(count)}
-    if data.val_bytes_per_token:
-        out["bits_per_byte"] = loss / math.log(2) / data.val_bytes_per_token
-    if data.val_chars_per_token:
-        out["bits_per_char"] = loss / math.log(2) / data.val_chars_per_token
-    return out
+    return {"step": step, **out}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(out))
     else:
         extra = "".join(f", {k.replace('_', ' ')} {out[k]:.4f}" for k in ("bits_per_byte", "bits_per_char") if k in out)
+        scope = "the whole split" if out["whole_split"] else f"the first {out['batches']} batches"
         print(f"{args.run} step {out['step']}: val loss {out['loss']:.4f} nats/token, ppl {out['ppl']:.3f}{extra} "
-              f"({out['tokens']:,} tokens)")
+              f"({out['tokens']:,} positions scored: {scope})")
     return 0

@@ -201,6 +201,32 @@ class LM(nnx.Module):
     def __call__(self, tokens):
         return self.logits(self.hidden(tokens))
 
+    def locate_nonfinite(self, tokens) -> str | None:
+        """Where the forward pass over ``tokens`` (B, L) first produces NaN/inf, e.g. "layer 2 (hyena mixer,
+        blocks.2.mixer)" (layers 0-based, as in ``layer_mixers``); None if all activations are finite.
+
+        Runs eagerly, sub-layer by sub-layer: a debugging aid for the NaN guard, not for a hot loop.
+        """
+        def nonfinite(x) -> bool:
+            return not bool(jnp.isfinite(x).all())
+
+        x = self.embed_tokens(tokens)
+        if nonfinite(x):
+            return "the token embedding (embed)"
+        for i, block in enumerate(self.blocks):
+            h = block.mixer_norm(x)
+            if nonfinite(h):
+                return f"layer {i} (mixer norm, blocks.{i}.mixer_norm)"
+            if nonfinite(block.mixer(h)):
+                return f"layer {i} ({self.cfg.mixer_spec(i)['name']} mixer, blocks.{i}.mixer)"
+            x = block(x)
+            if nonfinite(x):
+                return f"layer {i} (MLP, blocks.{i}.mlp)"
+        x = self.final_norm(x)
+        if nonfinite(x):
+            return "the final norm (final_norm)"
+        return "the output head" if nonfinite(self.logits(x)) else None
+
 
 def parameter_table(model: nnx.Module) -> list[tuple[str, tuple[int, ...], int, str]]:
     """Rows (path, shape, count, optimizer group) for every trainable parameter."""

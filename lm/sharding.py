@@ -124,3 +124,17 @@ def state_shardings(abstract_state, mesh: jax.sharding.Mesh, min_shard_size: int
 def describe(mesh: jax.sharding.Mesh) -> str:
     return (f"mesh {dict(mesh.shape)} over {mesh.devices.size} {jax.devices()[0].platform} device(s), "
             f"{jax.process_count()} process(es)")
+
+
+def sync_processes(name: str) -> None:
+    """Wait until every process reaches the barrier ``name`` (unique per use); no-op with one process.
+
+    The barrier is the coordination service's (timeout 300 s), not a device collective: JAX's CPU (gloo)
+    collectives give a late peer only 30 s to join a new device group, so processes meet here before a
+    program's first collective when one of them may still be compiling it.
+    """
+    if jax.process_count() == 1:
+        return
+    import orbax.checkpoint as ocp
+
+    ocp.multihost.sync_global_processes(name, processes=set(range(jax.process_count())))

@@ -20,7 +20,9 @@ loss and long convolutions stay fp32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import itertools
 import math
 import pathlib
 import sys
@@ -29,85 +31,25 @@ from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
-from lm.checkpoint import Checkpointer, CheckpointError, find_checkpoint_dir
-from lm.config import ConfigError, from_dict, load_config, read_yaml, apply_overrides, save_config, to_dict
+from lm.checkpoint import Checkpointer, CheckpointError, fallback_note, find_checkpoint_dir
+from lm.config import ConfigError, save_config, to_dict
 from lm.data.config import DataConfig, DataError
-from lm.model import LM, ModelConfig
-from lm.optim import OptimizerConfig, lr_schedule, make_optimizer, model_label_map
-from lm.sharding import MeshConfig, batch_divisor, batch_sharding, describe, make_mesh, replicated, state_shardings
-from lm.tracking import Tracker, TrackerConfig, read_metrics
+from lm.model import LM
+from lm.optim import lr_schedule, make_optimizer, model_label_map
+from lm.run_config import TrainConfig, TrainerConfig, load_train_config  # noqa: F401 (public names of lm.train)
+from lm.sharding import (batch_divisor, batch_sharding, describe, make_mesh, replicated, state_shardings,
+                         sync_processes)
+from lm.tracking import Tracker
+
+
+_BARRIER_IDS = itertools.count()  # unique barrier names; every process creates them in the same order
 
 
 class NonFiniteError(FloatingPointError):
     """The training loss or gradient norm became NaN/inf; no checkpoint is written for that state."""
-
-
-@dataclasses.dataclass
-class TrainerConfig:
-    """Loop settings. ``eval_every``/``checkpoint_every``/``log_every``/``hooks_every`` of 0 disable the
-    periodic action (eval and a checkpoint still happen at the end)."""
-
-    steps: int = 1000
-    eval_every: int = 500
-    eval_steps: int = 50  # validation batches per evaluation (0 = the whole validation set)
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    hooks_every: int = 100
-    grad_accum: int = 1
-    seed: int = 0
-    precision: str | None = None  # "fp32" | "bf16" (bf16 compute, fp32 params); null = model.dtype
-    async_checkpointing: bool = True
-    progress: bool = True  # tqdm bar on process 0
-
-    def validate(self) -> None:
-        if self.steps < 1:
-            raise ConfigError(f"config key 'trainer.steps' must be >= 1, got {self.steps}")
-        for key in ("eval_every", "eval_steps", "checkpoint_every", "log_every", "hooks_every"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"config key 'trainer.{key}' must be >= 0, got {getattr(self, key)}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"config key 'trainer.keep_checkpoints' must be >= 1, got {self.keep_checkpoints}")
-        if self.grad_accum < 1:
-            raise ConfigError(f"config key 'trainer.grad_accum' must be >= 1, got {self.grad_accum}")
-        if self.precision not in (None, "fp32", "bf16"):
-            raise ConfigError(f"config key 'trainer.precision' must be 'fp32' or 'bf16', got {self.precision!r}")
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """A whole pretraining run (the YAML file of `longconv train`)."""
-
-    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    data: DataConfig = dataclasses.field(default_factory=lambda: DataConfig(source="(unset)"))
-    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
-    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    tracker: TrackerConfig = dataclasses.field(default_factory=TrackerConfig)
-    initialize_from: str | None = None  # a run dir / checkpoints dir: load its weights only
-
-    def validate(self) -> None:
-        if self.data.source == "(unset)":
-            raise ConfigError("config key 'data.source' is required (a local text file/directory or a hub dataset name)")
-        if self.data.block_size > self.model.max_len:
-            raise ConfigError(
-                f"config key 'data.block_size' ({self.data.block_size}) exceeds 'model.max_len' ({self.model.max_len})")
-        if self.data.batch_size % self.trainer.grad_accum:
-            raise ConfigError(f"config key 'data.batch_size' ({self.data.batch_size}) must be divisible by "
-                              f"'trainer.grad_accum' ({self.trainer.grad_accum})")
-        if self.trainer.precision is not None:
-            self.model.dtype = "bfloat16" if self.trainer.precision == "bf16" else "float32"
-
-
-def load_train_config(path: str | pathlib.Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                      base: dict[str, Any] | None = None) -> TrainConfig:
-    """TrainConfig from a YAML file (or ``base`` dict) with dotted overrides; errors are ConfigError."""
-    data = read_yaml(path) if path is not None else dict(base or {})
-    return from_dict(TrainConfig, apply_overrides(data, list(overrides)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +87,12 @@ def _micro_split(x, accum: int):
 
 
 def make_train_step(graphdef_model, graphdef_opt, accum: int, schedule):
-    """step(state, batch) -> (state, metrics) for the split state {"model", "optimizer"}."""
+    """step(state, batch) -> (state, metrics) for the split state {"model", "optimizer"}.
+
+    A step whose loss or gradient norm is not finite leaves the parameters and optimizer state as they
+    were (only the dropout RNG advances), so the NaN guard can re-run the failing batch on the weights
+    that produced it (`Trainer.locate_nonfinite`).
+    """
 
     def step(state, batch):
         model = nnx.merge(graphdef_model, state["model"])
@@ -177,10 +124,16 @@ def make_train_step(graphdef_model, graphdef_opt, accum: int, schedule):
             (rest, grads, loss), _ = jax.lax.scan(body, (rest, zeros, jnp.zeros((), jnp.float32)), xs)
             grads = jax.tree.map(lambda g: g / accum, grads)
             loss = loss / accum
+        before = jax.tree.map(lambda a: a, (params, nnx.state(optimizer)))  # fresh Variables: not updated below
         model = nnx.merge(gdef, params, rest)
         grad_norm = optax.tree.norm(grads)
         lr = schedule(optimizer.step[...])
         optimizer.update(model, grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                            (nnx.state(model, nnx.Param), nnx.state(optimizer)), before)
+        nnx.update(model, kept[0])
+        nnx.update(optimizer, kept[1])
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
         return {"model": nnx.state(model), "optimizer": nnx.state(optimizer)}, metrics
 
@@ -200,6 +153,125 @@ def make_eval_step(graphdef_model):
         return (losses * mask).sum(), mask.sum()
 
     return step
+
+
+def evaluate_batches(eval_step, model_state, data, max_batches: int = 0) -> dict[str, Any]:
+    """Token-weighted validation metrics of ``model_state`` on ``data``'s validation split.
+
+    ``eval_step(model_state, batch) -> (loss sum, positions)`` (`make_eval_step`); batches come from
+    ``data.val_batches(pad=True)``, which scores every target position of the split once. Returns {} when
+    there is no validation data, else {"loss" (nats/token), "ppl", "tokens" (positions scored), "batches",
+    "whole_split" (False when ``max_batches`` > 0 stopped it early), "bits_per_byte"?, "bits_per_char"?}.
+    """
+    total = count = 0.0
+    batches, whole = 0, True
+    for batch in data.val_batches(pad=True):
+        if max_batches and batches == max_batches:
+            whole = False
+            break
+        s, c = eval_step(model_state, batch)
+        total, count, batches = total + float(s), count + float(c), batches + 1
+    if count == 0:
+        return {}
+    loss = total / count
+    out = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": int(count), "batches": batches,
+           "whole_split": whole}
+    bytes_per_token = getattr(data, "val_bytes_per_token", None)
+    chars_per_token = getattr(data, "val_chars_per_token", None)
+    if bytes_per_token:
+        out["bits_per_byte"] = loss / math.log(2) / bytes_per_token
+    if chars_per_token:
+        out["bits_per_char"] = loss / math.log(2) / chars_per_token
+    return out
+
+
+def eval_summary(ev: dict[str, Any]) -> str:
+    """"val loss 1.2345 (whole split, 11,153 positions), ppl 3.44, bpc 1.781" or "... (10 batches) ..."."""
+    scope = (f"whole split, {ev['tokens']:,} positions" if ev["whole_split"]
+             else f"{ev['batches']} batch{'es' if ev['batches'] != 1 else ''}, {ev['tokens']:,} positions")
+    extra = f", bpc {ev['bits_per_char']:.3f}" if "bits_per_char" in ev else ""
+    return f"val loss {ev['loss']:.4f} ({scope}), ppl {ev['ppl']:.2f}{extra}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}h{rest // 60:02d}m" if h else f"{rest // 60}m{rest % 60:02d}s"
+
+
+class _Progress:
+    """What `Trainer.fit` shows while training, and its clock.
+
+    ``mode`` "bar": a tqdm bar (stderr is a terminal); "lines": one plain log line per log interval
+    (step, loss, tokens/s, ETA); None: nothing. The clock starts when the first step has finished, so
+    compilation stays out of tokens/s and the ETA, and time inside `paused()` (evaluation, checkpoints,
+    hooks) is left out too.
+    """
+
+    def __init__(self, mode: str | None, end: int, tokens_per_step: int, log: Callable[[str], None]):
+        self.mode, self.end, self.tokens_per_step, self.log = mode, end, tokens_per_step, log
+        self.bar = None
+        self.t_first = self.t_mark = None  # perf_counter at the end of the first step / of the last window
+        self.s_first = self.s_mark = 0
+        self.paused_s = self.paused_total_s = 0.0
+
+    def start(self, step: int, first_step_s: float) -> None:
+        """The first step (``step``) has finished after ``first_step_s`` seconds, compilation included."""
+        self.t_first = self.t_mark = time.perf_counter()
+        self.s_first = self.s_mark = step
+        self.paused_s = 0.0
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.end, initial=step, desc="train", dynamic_ncols=True, leave=True)
+        self.write(f"step {step}/{self.end}: first step took {first_step_s:.1f} s (compilation included)")
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent inside this block out of tokens/s and the ETA."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t
+
+    def interval_rate(self, step: int) -> float | None:
+        """Tokens/s since the previous call (None before the clock starts or over no steps)."""
+        if self.t_mark is None or step == self.s_mark:
+            return None
+        now = time.perf_counter()
+        rate = self.tokens_per_step * (step - self.s_mark) / max(now - self.t_mark - self.paused_s, 1e-9)
+        self.paused_total_s += self.paused_s
+        self.t_mark, self.s_mark, self.paused_s = now, step, 0.0
+        return rate
+
+    def show(self, step: int, loss: float, tokens_per_s: float | None) -> None:
+        if self.bar is not None:
+            postfix = {"loss": f"{loss:.4f}"}
+            if tokens_per_s is not None:
+                postfix["tok_s"] = f"{tokens_per_s:,.0f}"
+            self.bar.set_postfix(postfix, refresh=False)
+        elif self.mode == "lines":
+            msg = f"step {step}/{self.end}: loss {loss:.4f}"
+            if tokens_per_s is not None:
+                train_s = self.t_mark - self.t_first - self.paused_total_s
+                eta = (self.end - step) * train_s / (self.s_mark - self.s_first)
+                msg += f", {tokens_per_s:,.0f} tokens/s, ETA {_duration(eta)}"
+            self.log(msg)
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        elif self.mode == "lines":
+            self.log(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,11 +388,16 @@ class Trainer:
                                  async_save=tc.async_checkpointing)
         self.step = 0
         latest = self.ckpt.latest_step() if resume else None
+        damaged = []  # newer steps that could not be read (resuming falls back past them)
         try:
             with jax.set_mesh(self.mesh):
                 if latest is not None:
-                    self.state, meta = self.ckpt.restore(abstract, step=latest, shardings=self.state_shardings)
+                    self.state, meta, damaged = self.ckpt.restore_newest(abstract, shardings=self.state_shardings)
                     self.step = int(meta["step"])
+                    if tc.steps < self.step:
+                        raise ConfigError(f"config key 'trainer.steps' ({tc.steps}) is below the step the run in "
+                                          f"{self.run_dir} is already at ({self.step}); give more steps or a new "
+                                          "--run-dir")
                     if "data" in meta:
                         self.data.restore(meta["data"])
                     self.resumed_from = self.step
@@ -339,7 +416,11 @@ class Trainer:
         # flight, so checkpoints record this, not the loader's live position).
         self._data_state = self.data.state()
 
-        # Only now write into the run directory.
+        # Only now write into the run directory (damaged steps are renamed, never deleted, so that this
+        # run can write those steps again and they do not count towards keep_checkpoints).
+        if damaged:
+            moved = self.ckpt.set_aside([e.step for e in damaged])
+            self.log(fallback_note(damaged, self.step, kept="kept as " + ", ".join(p.name for p in moved)))
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
@@ -348,7 +429,8 @@ class Trainer:
         self.tracker = Tracker(self.run_dir, cfg.tracker, to_dict(cfg))
         if self.resumed_from is not None:
             self.tracker.truncate_after(self.step)
-        self._pending: list[tuple[int, dict]] = []
+        self._pending: list[tuple[int, dict, dict]] = []  # (step, metrics, loader position before it)
+        self._programs: dict[str, Any] = {}  # name -> ahead-compiled step (multi-process only)
         self.last_metrics: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
 
@@ -361,9 +443,11 @@ class Trainer:
         src = Checkpointer(find_checkpoint_dir(_resolve_path(path)), keep=None, read_only=True)
         target = nnx.state(nnx.merge(self.graphdef_model, self.state["model"]), nnx.Param)
         try:
-            params, meta = src.restore(target, prefix="model.", strict=False)  # keeps target's shardings
+            params, meta, damaged = src.restore_newest(target, prefix="model.", strict=False)  # target's shardings
         finally:
             src.close()
+        if damaged:
+            self.log(f"initialize_from: {fallback_note(damaged, meta['step'])}")
         model = nnx.merge(self.graphdef_model, self.state["model"])
         nnx.update(model, params)
         self.state = {"model": nnx.state(model), "optimizer": self.state["optimizer"]}
@@ -383,9 +467,38 @@ class Trainer:
         """The current model (a view on the train state; call .eval() before inference)."""
         return nnx.merge(self.graphdef_model, self.state["model"])
 
+    def _program(self, name: str, jitted, *args):
+        """``jitted`` with one process. With several: compiled ahead, once per ``name``, for ``args``' shapes,
+        after which all processes meet at a barrier, so none starts the program's collectives while another
+        is still compiling it (JAX's CPU collectives give a late peer only 30 s)."""
+        if jax.process_count() == 1:
+            return jitted
+        if name not in self._programs:
+            self._programs[name] = jitted.lower(*args).compile()
+            sync_processes(f"longconv_{name}_compiled_{next(_BARRIER_IDS)}")
+        return self._programs[name]
+
     def log(self, msg: str) -> None:
         if self.is_main:
             print(f"[longconv train] {msg}", file=sys.stderr, flush=True)
+
+    def locate_nonfinite(self, step: int, data_state: dict) -> str:
+        """Re-run step ``step``'s batch (drawn from loader position ``data_state``) on the current weights,
+        checking each layer's activations (`LM.locate_nonfinite`); a phrase naming the first non-finite one.
+
+        The train step keeps the weights of a non-finite step, so after a failure they are the weights
+        that produced it (unless later finite steps have since updated them).
+        """
+        self.data.restore(data_state)
+        inputs = _unpack(self.data.next_batch())[0]
+        model = self.model
+        model.eval()  # no dropout: a deterministic re-run
+        with jax.set_mesh(self.mesh):
+            where = model.locate_nonfinite(inputs)
+        if where is not None:
+            return f"first non-finite activation in {where} when re-running step {step}'s batch"
+        return (f"re-running step {step}'s batch gives finite activations in every layer (so the non-finite value "
+                "came from the backward pass or the update)")
 
     def _flush(self) -> dict[str, float] | None:
         """Fetch pending step metrics, check them, log them; returns the latest."""
@@ -393,13 +506,17 @@ class Trainer:
             return None
         fetched = jax.device_get(self._pending)
         self._pending = []
-        for step, m in fetched:
+        for step, m, data_before in fetched:
             m = {k: float(v) for k, v in m.items()}
             if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
                 last = self.ckpt.latest_step()
+                try:
+                    where = self.locate_nonfinite(step, data_before)
+                except Exception as e:  # noqa: BLE001 - the diagnosis must not hide the failure itself
+                    where = f"could not re-run step {step}'s batch to locate it ({type(e).__name__}: {e})"
                 raise NonFiniteError(
                     f"non-finite training loss/gradient at step {step} (loss={m['loss']}, grad_norm={m['grad_norm']}); "
-                    f"stopping without saving. Last good checkpoint: "
+                    f"{where}; stopping without saving. Last good checkpoint: "
                     f"{'step ' + str(last) if last is not None else 'none'} in {self.ckpt.directory}. "
                     "Try a lower optimizer.lr, optimizer.grad_clip, or trainer.precision=fp32.")
             self.last_metrics = m
@@ -412,83 +529,80 @@ class Trainer:
             return
         self.ckpt.save(self.step, self.state, {"data": self._data_state, "n_params": self.n_params})
 
-    def evaluate(self, max_batches: int | None = None) -> dict[str, float]:
-        """Validation loss (nats/token), perplexity and bits per byte / char."""
+    def evaluate(self, max_batches: int | None = None) -> dict[str, Any]:
+        """`evaluate_batches` of the current model on at most ``max_batches`` validation batches
+        (default ``trainer.eval_steps``; 0 = the whole split)."""
         max_batches = self.cfg.trainer.eval_steps if max_batches is None else max_batches
-        total = count = 0.0
         with jax.set_mesh(self.mesh):
-            for batch in self.data.val_batches(max_batches=max_batches or None, pad=True):
-                s, c = self._eval_step(self.state["model"], batch)
-                total, count = total + float(s), count + float(c)
-        if count == 0:
-            return {}
-        loss = total / count
-        out = {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": count}
-        bpt = getattr(self.data, "val_bytes_per_token", None)
-        cpt = getattr(self.data, "val_chars_per_token", None)
-        if bpt:
-            out["bits_per_byte"] = loss / math.log(2) / bpt
-        if cpt:
-            out["bits_per_char"] = loss / math.log(2) / cpt
-        return out
+            def eval_step(model_state, batch):
+                return self._program("eval_step", self._eval_step, model_state, batch)(model_state, batch)
+
+            return evaluate_batches(eval_step, self.state["model"], self.data, max_batches)
 
     # -- loop --------------------------------------------------------------------------------
     def fit(self, max_steps: int | None = None) -> dict[str, Any]:
-        """Train until ``trainer.steps`` (or stop early at step ``max_steps``, checkpointing there)."""
+        """Train until ``trainer.steps`` (or stop early at step ``max_steps``, checkpointing there).
+
+        The evaluation at ``trainer.steps`` covers the whole validation split; periodic ones use
+        ``trainer.eval_steps`` batches and are labelled so. Raises ConfigError when the run is already
+        past ``max_steps``.
+        """
         tc = self.cfg.trainer
+        if max_steps is not None and max_steps < self.step:
+            raise ConfigError(f"cannot stop at step {max_steps} (--stop-at): the run in {self.run_dir} is already "
+                              f"at step {self.step}; give a later step or a new --run-dir")
         end = tc.steps if max_steps is None else min(max_steps, tc.steps)
-        tokens_per_step = self.cfg.data.batch_size * self.cfg.data.block_size
         self.log(f"{describe(self.mesh)}; {self.n_params:,} parameters; "
                  f"{'resuming at step ' + str(self.step) if self.resumed_from is not None else 'fresh start'}; "
                  f"run dir {self.run_dir}")
-        bar = None
-        if tc.progress and self.is_main and self.step < end:
-            from tqdm import tqdm
-
-            bar = tqdm(total=end, initial=self.step, desc="train", dynamic_ncols=True, leave=True)
-        t_last, steps_last = time.perf_counter(), self.step
+        mode = None
+        if tc.progress and self.is_main:
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        progress = _Progress(mode, end, self.cfg.data.batch_size * self.cfg.data.block_size, self.log)
+        first_step = self.step + 1
         t_start = time.perf_counter()
         try:
             with jax.set_mesh(self.mesh):
                 while self.step < end:
                     batch = self.data.next_batch()
-                    new_leaves, metrics = self._train_step(self._state_leaves, batch)
+                    new_leaves, metrics = self._program("train_step", self._train_step, self._state_leaves, batch)(
+                        self._state_leaves, batch)
+                    data_before = self._data_state
                     # One statement: an interrupt never leaves the state, step and data position apart.
                     self._state_leaves, self.step, self._data_state = new_leaves, self.step + 1, self.data.state()
-                    self._pending.append((self.step, metrics))
+                    self._pending.append((self.step, metrics, data_before))
                     s = self.step
+                    if s == first_step:  # compiled and ran: start the clock for tokens/s and the ETA here
+                        jax.block_until_ready(self._state_leaves)
+                        progress.start(s, time.perf_counter() - t_start)
                     if (tc.log_every and s % tc.log_every == 0) or s == end:
                         m = self._flush()
-                        now = time.perf_counter()
-                        tps = tokens_per_step * (s - steps_last) / max(now - t_last, 1e-9)
-                        t_last, steps_last = now, s
-                        self.tracker.log(s, {**m, "tokens_per_s": tps, "tokens": s * tokens_per_step})
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-                    if bar is not None:
-                        bar.update(1)
-                    if (tc.eval_every and s % tc.eval_every == 0) or s == tc.steps:
-                        ev = self.evaluate()
-                        if ev:
-                            self.last_eval = ev
-                            self.tracker.log(s, ev, split="eval")
-                            if bar is not None:
-                                bar.write(f"step {s}: val loss {ev['loss']:.4f}"
-                                          + (f", bpc {ev['bits_per_char']:.3f}" if "bits_per_char" in ev else ""))
-                    if (tc.checkpoint_every and s % tc.checkpoint_every == 0) or s == end:
-                        self.save()
-                    for every, fn in self.hooks:
-                        every = every or tc.hooks_every
-                        if every and s % every == 0:
-                            fn(s, self._flush() or self.last_metrics, self)
+                        tps = progress.interval_rate(s)
+                        self.tracker.log(s, {**m, **({"tokens_per_s": tps} if tps is not None else {}),
+                                             "tokens": s * progress.tokens_per_step})
+                        progress.show(s, m["loss"], tps)
+                    progress.advance(s)
+                    with progress.paused():  # evaluation, checkpoints and hooks stay out of tokens/s
+                        final = s == tc.steps
+                        if final or (tc.eval_every and s % tc.eval_every == 0):
+                            ev = self.evaluate(max_batches=0 if final else None)
+                            if ev:
+                                self.last_eval = ev
+                                self.tracker.log(s, ev, split="eval")
+                                progress.write(f"step {s}: {eval_summary(ev)}")
+                        if (tc.checkpoint_every and s % tc.checkpoint_every == 0) or s == end:
+                            self.save()
+                        for every, fn in self.hooks:
+                            every = every or tc.hooks_every
+                            if every and s % every == 0:
+                                fn(s, self._flush() or self.last_metrics, self)
         except KeyboardInterrupt:
             self.log(f"interrupted at step {self.step}; saving a checkpoint")
             self.save()
             self.ckpt.wait()
             raise
         finally:
-            if bar is not None:
-                bar.close()
+            progress.close()
             self.ckpt.wait()
         wall = time.perf_counter() - t_start
         return {"step": self.step, "train": self.last_metrics, "eval": self.last_eval, "wall_s": wall}
@@ -522,13 +636,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator", default=None, help="host:port of process 0 (with --distributed)")
     parser.add_argument("--num-processes", type=int, default=None, help="number of processes/hosts")
     parser.add_argument("--process-id", type=int, default=None, help="this process's index, 0-based")
+    parser.add_argument("--heartbeat-timeout", type=int, default=None,
+                        help="seconds without a heartbeat after which the other processes declare one dead "
+                             "and abort (with --distributed; JAX's default is 100)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.steps=100 optimizer.lr=1e-3")
 
 
 def main(args: argparse.Namespace) -> int:
     if args.distributed or args.coordinator:
+        timeouts = {} if args.heartbeat_timeout is None else {"heartbeat_timeout_seconds": args.heartbeat_timeout}
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
-                                   process_id=args.process_id)
+                                   process_id=args.process_id, **timeouts)
     run_dir = pathlib.Path(args.run_dir) if args.run_dir else None
     config_path = args.config
     if config_path is None:
@@ -545,9 +663,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:
-        ev = result["eval"]
-        msg = f"done: step {result['step']}, train loss {result['train'].get('loss', float('nan')):.4f}"
-        if ev:
-            msg += f", val loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f})"
+        msg = f"done: step {result['step']}"
+        if result["train"]:
+            msg += f", train loss {result['train']['loss']:.4f}"
+        else:
+            msg += " (nothing to train: the run was already there)"
+        if result["eval"]:
+            msg += f", {eval_summary(result['eval'])}"
         print(msg)
     return 0

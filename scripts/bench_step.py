@@ -48,7 +48,8 @@ def timed_fit(trainer, n_steps: int) -> list[float]:
 
     start = trainer.step
     trainer.fit(max_steps=start + n_steps)
-    return [r["tokens_per_s"] for r in read_metrics(trainer.run_dir, "train") if start < r["step"] <= start + n_steps]
+    return [r["tokens_per_s"] for r in read_metrics(trainer.run_dir, "train")
+            if start < r["step"] <= start + n_steps and r.get("tokens_per_s") is not None]
 
 
 def seconds(fn, n: int = 20) -> tuple[float, float]:

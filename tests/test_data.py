@@ -32,7 +32,6 @@ from lm.data import (
 )
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SHAKESPEARE = pathlib.Path("/work/shared/data/tinyshakespeare/input.txt")
 WORDS = "the quick brown fox jumps over lazy dog and then sleeps under a warm sun while birds sing".split()
 
 
@@ -213,15 +212,38 @@ def test_char_tokenizer_saved_with_run_and_reused(tmp_path, text_file):
         build_data(cfg(text_file, block_size=16), run_dir=run)
 
 
-@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="tinyshakespeare not available")
-def test_tinyshakespeare_char():
-    data = build_data(cfg(SHAKESPEARE, tokenizer={"kind": "char"}, block_size=256, batch_size=32))
-    assert data.tokenizer.vocab_size == 65 + 2
-    assert data.train.n_chars + data.val.n_chars == len(SHAKESPEARE.read_text())
+SPEECHES = [
+    ("First Citizen", "Before we proceed any further, hear me speak."),
+    ("All", "Speak, speak."),
+    ("First Citizen", "You are all resolved rather to die than to famish?"),
+    ("MENENIUS", "What work's, my countrymen, in hand? where go you\nWith bats and clubs? The matter? speak, I pray you."),
+    ("ROMEO", "But, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun."),
+    ("JULIET", "O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;"),
+]
+
+
+def shakespeare_text(n_speeches: int = 120, seed: int = 0) -> str:
+    """A few kB in tinyshakespeare's layout: "SPEAKER:\nline(s)\n\n" blocks."""
+    rng = random.Random(seed)
+    return "".join(f"{who}:\n{what}\n\n" for who, what in (rng.choice(SPEECHES) for _ in range(n_speeches)))
+
+
+def test_shakespeare_layout_char_corpus(tmp_path):
+    """The tinyshakespeare configs' data path (char tokenizer, last 10% validation) on a small corpus
+    in that layout, built here so the test runs without the shared data set."""
+    path = tmp_path / "input.txt"
+    text = shakespeare_text()
+    path.write_text(text)
+    assert 4_000 < len(text) < 20_000
+    data = build_data(cfg(path, tokenizer={"kind": "char"}, block_size=64, batch_size=8))
+    assert data.tokenizer.vocab_size == len(set(text)) + 2  # + <unk>, <eod>
+    assert data.tokenizer.decode(np.concatenate([data.train.tokens, data.val.tokens]).tolist()) == text
+    assert data.train.n_chars + data.val.n_chars == len(text)
     assert abs(data.val.n_tokens / (data.train.n_tokens + data.val.n_tokens) - 0.1) < 1e-3
     batch = data.next_batch()
-    assert batch["inputs"].shape == (32, 256)
-    assert data.val_bytes_per_token == data.val_chars_per_token == pytest.approx(1.0, abs=1e-4)
+    assert batch["inputs"].shape == (8, 64)
+    assert data.val.n_bytes == data.val.n_chars == data.val.n_tokens - 1  # ASCII: one token per char + <eod>
+    assert data.val_bytes_per_token == data.val_chars_per_token == pytest.approx(data.val.n_chars / data.val.n_tokens)
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -392,6 +414,21 @@ def test_eval_batches_pad_and_drop():
     assert len(list(eval_batches(data, 4, max_batches=1))) == 1
     small = list(eval_batches(data, 16))  # fewer blocks than a batch: one padded batch, never empty
     assert len(small) == 1 and small[0]["mask"][:, 0].sum() == 10
+
+
+def test_eval_batches_pad_scores_every_position_once():
+    """85 tokens, block 8: 10 full blocks (80 positions) and a tail of 4; pad=True yields each of the 84
+    (input, target) transitions exactly once with mask 1, and nothing else with mask 1."""
+    data = _packed(n_tokens=85, block_size=8)
+    assert data.tail_positions == 4
+    batches = list(eval_batches(data, 4, pad=True))
+    assert len(batches) == 3  # 11 rows: 10 blocks + the tail block, padded to 12
+    pairs = [(int(x), int(y)) for b in batches
+             for x, y, m in zip(b["inputs"].ravel(), b["targets"].ravel(), b["mask"].ravel()) if m == 1]
+    assert pairs == [(t, t + 1) for t in range(84)]
+    assert batches[-1]["mask"].sum(axis=1).tolist() == [8, 8, 4, 0]  # blocks 8, 9, the tail, padding
+    assert all(b["mask"].all() for b in eval_batches(data, 4))  # pad=False: full blocks only, as before
+    assert sum(b["mask"].sum() for b in eval_batches(data, 4)) == 64
 
 
 def test_loader_errors():

@@ -93,6 +93,9 @@ K = jnp.zeros((16, 3), jnp.float32)
 @pytest.mark.parametrize(
     "kwargs,match",
     [
+        (dict(u=[[[1.0]]]), "u must be a jax or numpy array, got list"),
+        (dict(k=((1.0,),)), "k must be a jax or numpy array, got tuple"),
+        (dict(bias=[0.0, 0.0, 0.0]), "bias must be a jax or numpy array, got list"),
         (dict(u=jnp.zeros((16, 3))), "u must have shape"),
         (dict(k=jnp.zeros((16,))), "k must have shape"),
         (dict(u=jnp.zeros((2, 0, 3)), k=jnp.zeros((0, 3))), "empty dimension"),
@@ -126,6 +129,42 @@ def test_validation_traced_mask_and_oversized_fft():
     big = jax.ShapeDtypeStruct((1, 1 << 24, 1), jnp.float32)
     with pytest.raises(FFTConvError, match="needs an FFT larger"):
         validate(big, jax.ShapeDtypeStruct((1 << 24, 1), jnp.float32))
+
+
+@pytest.mark.parametrize("impl", ["xla", "xla-matmul"])
+def test_non_finite_input_poisons_the_whole_channel(impl):
+    """The documented behaviour: a NaN at t makes every output of its channel NaN, before t too."""
+    u, k, bias, pre, post = make_inputs(1, 256, 2, 256)
+    y = np.asarray(fftconv(u.at[0, 200, 0].set(jnp.nan), k, impl=impl))
+    assert np.isnan(y[0, :, 0]).all() and np.isfinite(y[0, :, 1]).all()
+
+
+NAN_CASES = ["u", "k", "bias", "pre_gate", "post_gate"]
+
+
+def _with_nan(name):
+    u, k, bias, pre, post = make_inputs(1, 64, 2, 64)
+    args = dict(u=u, k=k, bias=bias, pre_gate=pre, post_gate=post)
+    args[name] = args[name].at[(0,) * args[name].ndim].set(jnp.inf if name == "k" else jnp.nan)
+    return args
+
+
+@pytest.mark.parametrize("name", NAN_CASES)
+def test_check_finite_names_the_argument(name):
+    args = _with_nan(name)
+    call = lambda **kw: fftconv(args["u"], args["k"], args["bias"], pre_gate=args["pre_gate"],
+                                post_gate=args["post_gate"], impl="xla", **kw)
+    assert not np.isfinite(np.asarray(call())).all()  # off by default: no error, non-finite output
+    with pytest.raises(FFTConvError, match=f"fftconv: {name} holds a non-finite value"):
+        call(check_finite=True)
+
+
+def test_check_finite_raises_inside_jit_and_passes_finite_input():
+    u, k, bias, pre, post = make_inputs(1, 64, 2, 64)
+    f = jax.jit(lambda u, pre: fftconv(u, k, bias, pre_gate=pre, post_gate=post, check_finite=True))
+    assert rel_l2(f(u, pre), direct_causal_conv_np(u, k, bias, pre, post)) < FP32_TOL
+    with pytest.raises(Exception, match="fftconv: pre_gate holds a non-finite value"):
+        jax.block_until_ready(f(u, pre.at[0, 3, 1].set(jnp.nan)))
 
 
 def test_fftconv_error_is_value_error():

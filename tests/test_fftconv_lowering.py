@@ -14,7 +14,7 @@ import pytest
 from jax import export
 from jax.experimental.pallas import triton as pltriton
 
-from kernels.fftconv import conv, pallas
+from kernels.fftconv import conv, monarch, pallas
 
 UNCHECKED_CALLS = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),
                    export.DisabledSafetyCheck.custom_call("tpu_custom_call")]
@@ -42,3 +42,45 @@ def test_pallas_forward_and_backward_lower(platform, seqlen, monkeypatch):
 def test_gpu_uses_triton_compiler_params():
     assert isinstance(pallas._compiler_params("gpu"), pltriton.CompilerParams)
     assert pallas._compiler_params("tpu") is None
+
+
+# Every plan shape `impl="auto"` may pick (the tuned table can name pallas at any FFT size): the fused
+# 2-stage kernel, the inner kernel after 1 or 2 outer XLA stages, the block-Toeplitz partial chunks and
+# a frequency-sparse plan; bf16 inputs at their default precision, then each other precision on the
+# fused and 3-stage plans (the 4-stage plan and the full matrix are in -m slow).
+PLANS = {"fused": (256, 256, False), "inner-3stage": (4096, 4096, False), "partial": (4096, 256, False),
+         "freq-sparse": (4096, 4096, True), "inner-4stage": (1 << 18, 1 << 18, False)}
+OTHER_PRECISIONS = ["fp32", "bf16x3", "tf32", "fp16"]
+
+
+def _export_grad(platform, plan_name, precision, monkeypatch):
+    jax.clear_caches()
+    if platform == "cuda":
+        monkeypatch.setattr(pallas, "_compiler_params", functools.partial(pallas._compiler_params, "gpu"))
+    seqlen, ksize, sparse = PLANS[plan_name]
+    mask = monarch.lowpass_mask(seqlen, ksize, 0.25) if sparse else None
+
+    def loss_at(u, k):
+        y = conv.fftconv_matmul(u, k, None, u, u, freq_mask=mask, impl="pallas", interpret=False, precision=precision)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    u = jax.ShapeDtypeStruct((2, seqlen, 32), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((ksize, 32), jnp.float32)
+    exported = export.export(jax.jit(jax.grad(loss_at, argnums=(0, 1))), platforms=[platform],
+                             disabled_checks=UNCHECKED_CALLS)(u, k)
+    assert ("xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in exported.mlir_module()
+
+
+def _cases(plans, precisions, slow=False):
+    return [pytest.param(platform, plan, p, marks=[pytest.mark.slow] if slow else [])
+            for platform in ("cuda", "tpu") for plan in plans for p in precisions
+            if not (platform == "tpu" and p == "tf32")]  # tf32 is rejected on TPU (precision.GPU_ONLY)
+
+
+@pytest.mark.parametrize("platform,plan_name,precision",
+                         _cases(["fused", "inner-3stage", "partial", "freq-sparse"], ["bf16"])
+                         + _cases(["fused", "inner-3stage"], OTHER_PRECISIONS)
+                         + _cases(["inner-4stage"], ["bf16", *OTHER_PRECISIONS], slow=True)
+                         + _cases(["partial", "freq-sparse"], OTHER_PRECISIONS, slow=True))
+def test_every_auto_plan_and_precision_lowers(platform, plan_name, precision, monkeypatch):
+    _export_grad(platform, plan_name, precision, monkeypatch)

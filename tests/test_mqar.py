@@ -183,6 +183,8 @@ def test_config_errors(tmp_path):
         load_mqar_config(p, ["grid.mixers=[nope]"])
     with pytest.raises(ConfigError, match="seed"):
         load_mqar_config(p, ["data.test_seed=0"])
+    with pytest.raises(ConfigError, match=r"config key 'grid.d_models'.*got 0"):  # the key the user wrote
+        load_mqar_config(p, ["grid.d_models=[0]"])
 
 
 def test_repo_configs_load():
@@ -274,3 +276,42 @@ def test_report_table_and_published_values():
     table = report.markdown_table(recs)
     assert "| 64 (4) | 64 | 0.990 (1.00) | 0.300 (0.52) |" in table
     assert report.ZOOLOGY_FIGURE2[(512, 64, 512)]["baseconv"] == 0.71
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+
+
+def test_evaluation_scores_chance_and_known_answers(tmp_path):
+    """The sweep's evaluation (`runner.evaluate` with its jitted eval step) on models with known scores.
+
+    - Untrained: near chance. Values are drawn from V/2 = 32 tokens (guessing one scores 1/32); even
+      knowing the 2 in-context values but not which one is right would score 0.5.
+    - Zeroed parameters (constant logits): argmax is token 0, never a value, so exactly 0.
+    - A hand-built split whose targets come from the model's own full-forward argmax at the labelled
+      positions: row 0 none right, row 1 one of two, row 2 both -> (0 + 0.5 + 1) / 3 = 0.5. Eval batch 2
+      over 3 rows: the last batch is padded with copies of row 2, which must not count."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from lm.model import LM
+    from lm.mqar import runner
+
+    cfg = runner.load_mqar_config(_write(tmp_path, _cfg_dict(tmp_path)))
+    run = runner.expand_grid(cfg)[0]
+    model = LM(runner.model_config_for(cfg, run), rngs=nnx.Rngs(0))
+    model.eval()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    _, eval_step = runner._build_steps(graphdef, graphdef, optax.sgd(0.0))
+    split = runner.make_split(cfg, run.point, train=False)
+    acc, _ = runner.evaluate(eval_step, params, rest, split, batch_size=2)
+    assert acc < 0.1
+    acc, _ = runner.evaluate(eval_step, jax.tree.map(jnp.zeros_like, params), rest, split, batch_size=2)
+    assert acc == 0.0
+    x, pos = split.inputs[:3], split.positions[:3]
+    predicted = np.take_along_axis(np.asarray(jnp.argmax(model(jnp.asarray(x)), -1)), pos, axis=1)
+    wrong = (predicted + 1) % cfg.data.vocab_size
+    targets = np.stack([wrong[0], [predicted[1, 0], wrong[1, 1]], predicted[2]]).astype(np.int32)
+    acc, _ = runner.evaluate(eval_step, params, rest, runner.MQARSplit(x, pos, targets), batch_size=2)
+    assert acc == pytest.approx(0.5)

@@ -197,6 +197,97 @@ def test_nan_guard_stops_without_overwriting_checkpoints(corpus, tmp_path):
     assert saved["model.embed.embedding"].dtype == np.float32 and np.isfinite(saved["model.embed.embedding"]).all()
 
 
+def test_nan_guard_names_the_step_and_the_layer(corpus, tmp_path):
+    """NaN weights in layer 1's mixer after step 2: the error names step 3 and that layer."""
+    from flax import nnx
+
+    def poison(step, metrics, trainer):
+        if step == 2:
+            model = trainer.model
+            mixer = model.blocks[1].mixer
+            nnx.update(mixer, jax.tree.map(lambda x: x * np.nan, nnx.state(mixer, nnx.Param)))
+            trainer.state = {"model": nnx.state(model), "optimizer": trainer.state["optimizer"]}
+
+    cfg = tiny(corpus, "hyena", **{"model.n_layers": 2, "trainer.steps": 8, "trainer.log_every": 4,
+                                   "trainer.checkpoint_every": 0, "trainer.eval_every": 0, "data.val_fraction": 0.0})
+    # Steps 3 and 4 are both non-finite; the check at step 4 reports the first.
+    with pytest.raises(NonFiniteError, match=r"at step 3 \(loss=nan.*first non-finite activation in layer 1 "
+                                             r"\(hyena mixer, blocks\.1\.mixer\) when re-running step 3's batch"):
+        run(cfg, tmp_path / "run", hooks=[(poison, 2)])
+
+
+def test_plain_progress_lines_and_labelled_evaluations(corpus, tmp_path, capsys):
+    """stderr not a terminal: plain lines, compilation (a slow first step) out of tokens/s; periodic
+    evaluations say how many batches they used and the last one covers the whole split, as `longconv eval`."""
+    import re
+    import time
+
+    from lm.evaluate import evaluate_run
+
+    cfg = tiny(corpus, **{"trainer.steps": 8, "trainer.log_every": 4, "trainer.eval_every": 4, "trainer.eval_steps": 1,
+                          "trainer.checkpoint_every": 0, "trainer.progress": True})
+    trainer = Trainer(load_train_config(base=cfg), tmp_path / "run")
+    real_step, calls = trainer._train_step, []
+
+    def slow_first_step(state, batch):  # stands in for a long compilation
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(5)
+        return real_step(state, batch)
+
+    trainer._train_step = slow_first_step
+    try:
+        result = trainer.fit()
+        n_positions = trainer.data.val.n_tokens - 1
+    finally:
+        trainer.close()
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line.removeprefix("[longconv train] ") for line in err.splitlines()]
+    assert any(re.fullmatch(r"step 1/8: first step took \d+\.\d s \(compilation included\)", x) for x in lines), lines
+    for s in (4, 8):
+        assert any(re.fullmatch(rf"step {s}/8: loss \d\.\d{{4}}, [\d,]+ tokens/s, ETA \d+m\d\ds", x) for x in lines), lines
+    assert any(re.fullmatch(r"step 4: val loss \d\.\d{4} \(1 batch, 128 positions\), ppl .*", x) for x in lines), lines
+    final = f"step 8: val loss {result['eval']['loss']:.4f} (whole split, {n_positions:,} positions), ppl "
+    assert any(x.startswith(final) for x in lines), lines
+    # Steps 2-4 took well under 3.75 s: with the 5 s first step counted, the rate would be below 4*128/5.
+    assert next(r for r in read_metrics(tmp_path / "run", "train") if r["step"] == 4)["tokens_per_s"] > 4 * 128 / 5
+    ref = evaluate_run(tmp_path / "run")
+    assert ref["tokens"] == result["eval"]["tokens"] == n_positions and result["eval"]["whole_split"]
+    np.testing.assert_allclose(result["eval"]["loss"], ref["loss"], rtol=1e-5)
+
+
+def test_longconv_eval_scores_every_position(trained_run, capsys):
+    """The loss of `longconv eval` equals the mean next-token NLL of the whole validation stream computed by
+    calling the model directly (block-aligned chunks, the short last one included)."""
+    from lm.cli import main as cli_main
+    from lm.data import build_data
+    from lm.evaluate import evaluate_run
+    from lm.train import resolve_data_paths
+
+    cfg, model, tokenizer, _ = load_run(trained_run)
+    val = build_data(resolve_data_paths(cfg.data), tokenizer=tokenizer).val
+    stream, block = val.tokens, cfg.data.block_size
+    n_full = (len(stream) - 1) // block
+    assert 0 < len(stream) - 1 - n_full * block  # a partial last block exists
+
+    def nll(inputs, targets):
+        logits = np.asarray(model(inputs), np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        return -np.take_along_axis(logp, targets[..., None], -1).sum()
+
+    full = stream[: n_full * block + 1]
+    total = nll(full[:-1].reshape(n_full, block), full[1:].reshape(n_full, block))
+    total += nll(stream[n_full * block:-1][None], stream[n_full * block + 1:][None])
+    out = evaluate_run(trained_run)
+    assert out["tokens"] == len(stream) - 1 and out["whole_split"]
+    np.testing.assert_allclose(out["loss"], total / (len(stream) - 1), rtol=1e-5)
+    capsys.readouterr()
+    assert cli_main(["eval", "--run", str(trained_run)]) == 0
+    assert f"({len(stream) - 1:,} positions scored: the whole split)" in capsys.readouterr().out
+
+
 def test_initialize_from_loads_weights_only(corpus, trained_run, tmp_path):
     _, src_model, _, src_step = load_run(trained_run)
     trainer = Trainer(load_train_config(base=tiny(corpus, initialize_from=str(trained_run))), tmp_path / "dst")
@@ -239,7 +330,7 @@ def test_interrupt_inside_a_step_checkpoints_the_matching_data_position(corpus, 
 
 
 def test_trainer_eval_covers_whole_split_like_longconv_eval(trained_run, tmp_path):
-    """eval_steps=0 evaluates every validation block (the padded last batch too), as `longconv eval`."""
+    """eval_steps=0 scores every validation position (padded last batch and block too), as `longconv eval`."""
     import shutil
 
     from lm.evaluate import evaluate_run
@@ -248,8 +339,9 @@ def test_trainer_eval_covers_whole_split_like_longconv_eval(trained_run, tmp_pat
     trainer = Trainer(load_train_config(run_dir / "config.yaml"), run_dir)
     try:
         ev = trainer.evaluate(max_batches=0)
-        n_tokens = trainer.data.val.num_blocks * trainer.cfg.data.block_size
+        n_tokens = trainer.data.val.n_tokens - 1  # every next-token transition of the split
         assert trainer.data.val.num_blocks % trainer.cfg.data.batch_size  # a partial last batch exists
+        assert trainer.data.val.tail_positions  # and a partial last block
     finally:
         trainer.close()
     ref = evaluate_run(run_dir)

@@ -7,10 +7,20 @@ bias (H,) the D skip; gates (B, L, H). Computes, in fp32,
     y = post ⊙ (k ∗ (pre ⊙ u) + bias ⊙ (pre ⊙ u)),   (k ∗ x)_t = Σ_{s<=min(t, K-1)} k_s x_{t-s},
 and returns u's dtype. Bad shapes, dtypes and lengths raise `FFTConvError` naming the problem.
 
+Non-finite inputs: the FFT mixes every position of a channel, so one NaN or inf in u or pre_gate at
+position t, or anywhere in k, makes EVERY output of that channel non-finite, positions before t
+included (a direct causal conv would keep them finite); in the block-Toeplitz partial mode the damage
+is limited to t's chunk of C samples and the next one. A non-finite bias[h] poisons channel h; a
+non-finite post_gate entry only its own output. `fftconv(..., check_finite=True)` raises instead,
+naming the argument (see `raise_if_non_finite`).
+
 Implementations (all compute the same function; see kernels/fftconv/conv.py and monarch.py):
   "xla"         jnp.fft rfft/irfft with zero padding (fp32);
   "xla-matmul"  the FFT written as 2-4 stages of small DFT-matrix matmuls + twiddles (plain XLA);
   "pallas"      the same factorisation as a fused Pallas kernel (interpret mode on CPU).
+Precision (`precision=`, matmul impls only; see kernels/fftconv/precision.py for the error bounds):
+"fp32" (alias "highest"), "bf16x3", "tf32" (GPU only), "fp16", "bf16"; None = the input dtype's own
+(bf16 → "bf16", fp16 → "fp16", fp32 → "fp32"). "xla" always computes an fp32 FFT (within every bound).
 Modes: K < L is a partial filter (block-Toeplitz chunking when K <= L/4 on the matmul impls);
 `freq_mask` (static (G0, G1) bool block mask) keeps only some frequency blocks of the plan's FFT:
 y = Re IFFT(FFT(x) FFT(k) M) with M = monarch.expand_freq_mask(freq_mask, N), N = monarch.fft_size(L+K-1).
@@ -18,15 +28,18 @@ y = Re IFFT(FFT(x) FFT(k) M) with M = monarch.expand_freq_mask(freq_mask, N), N 
 
 from __future__ import annotations
 
+import functools
 import os
-
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kernels.fftconv import conv as _conv
 from kernels.fftconv import monarch as _monarch
+from kernels.fftconv import precision as _precision
+from kernels.fftconv import tuned as _tuned
 from kernels.fftconv.reference import fftconv_xla
 
 
@@ -37,27 +50,28 @@ class FFTConvError(ValueError):
 _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _xla(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None):
+def _xla(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None):
+    del precision  # jnp.fft is fp32 at every setting
     if freq_mask is None:
         return fftconv_xla(u, k, bias, pre_gate, post_gate)
     return _conv.fftconv_xla_masked(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask)
 
 
-def _xla_matmul(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None):
-    return _conv.fftconv_matmul(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, impl="xla-matmul")
+def _xla_matmul(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None):
+    return _conv.fftconv_matmul(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, impl="xla-matmul",
+                                precision=precision)
 
 
-def _pallas(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None):
-    return _conv.fftconv_matmul(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, impl="pallas")
+def _pallas(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None):
+    return _conv.fftconv_matmul(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, impl="pallas",
+                                precision=precision)
 
 
-# name -> implementation with the signature of `fftconv_xla` plus keyword-only `freq_mask`.
+# name -> implementation with the signature of `fftconv_xla` plus keyword-only `freq_mask`, `precision`.
 IMPLEMENTATIONS: dict[str, Callable] = {"xla": _xla, "xla-matmul": _xla_matmul, "pallas": _pallas}
 
-# "auto" picks Pallas on GPU for FFT sizes up to this (the fused single-kernel plans). 0 = never:
-# the kernel has only run in interpret mode (no GPU was lent when it was written), so it stays opt-in
-# (impl="pallas") until `longconv bench` on a GPU shows it compiles and wins. Override with the
-# environment variable LONGCONV_PALLAS_AUTO_MAX_FFT (e.g. 4096) to opt in globally.
+# "auto" picks Pallas on GPU for FFT sizes up to this, overriding the measured table (tuned.json).
+# 0 = never: set the environment variable LONGCONV_PALLAS_AUTO_MAX_FFT (e.g. 4096) to opt in globally.
 PALLAS_AUTO_MAX_FFT = int(os.environ.get("LONGCONV_PALLAS_AUTO_MAX_FFT", "0"))
 
 
@@ -67,8 +81,16 @@ def _check_float(name: str, x, allowed=_INPUT_DTYPES) -> None:
         raise FFTConvError(f"fftconv: {name} has dtype {x.dtype}; expected one of {names}")
 
 
-def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None) -> None:
+def _check_array(name: str, x) -> None:
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+        raise FFTConvError(f"fftconv: {name} must be a jax or numpy array, got {type(x).__name__}")
+
+
+def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None, precision=None) -> None:
     """Raise FFTConvError unless the arguments have the documented shapes and dtypes."""
+    for name, x in (("u", u), ("k", k), ("bias", bias), ("pre_gate", pre_gate), ("post_gate", post_gate)):
+        if x is not None:
+            _check_array(name, x)
     if getattr(u, "ndim", None) != 3:
         raise FFTConvError(f"fftconv: u must have shape (batch, length, channels); got shape {jnp.shape(u)}")
     if getattr(k, "ndim", None) != 2:
@@ -107,37 +129,73 @@ def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None) -> 
         except ValueError as err:
             n, f0, fl = _monarch.freq_grid(seqlen, ksize)
             raise FFTConvError(f"fftconv: {err} (L={seqlen}, K={ksize}: N={n}, grid ({f0}, {fl}))") from None
+    try:
+        _precision.resolve(precision, u.dtype)
+    except ValueError as err:
+        raise FFTConvError(f"fftconv: {err}") from None
 
 
-def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = None) -> str:
-    """The implementation `impl="auto"` picks for this backend and length.
+_CHECKED_ARGS = ("u", "k", "bias", "pre_gate", "post_gate")
 
-    CPU/TPU and anything else: "xla" (on CPU the Pallas kernel only runs interpreted, and the
-    matmul factorisation does O(N·Σf) work against pocketfft's O(N log N)). GPU: "pallas" for FFT
-    sizes N <= PALLAS_AUTO_MAX_FFT, where the whole conv is one fused kernel (u, gates read once,
-    y written once, vs ~6 HBM round trips of pad/rfft/multiply/irfft/slice/gate); beyond that the
-    outer stage goes through HBM anyway and cuFFT is kept. This is a design rule, NOT a measurement,
-    and it is off by default (PALLAS_AUTO_MAX_FFT = 0) until measured on a GPU with `longconv bench`.
+
+def _raise_on_false(names: tuple[str, ...], finite) -> None:
+    bad = [name for name, ok in zip(names, np.asarray(finite)) if not ok]
+    if bad:
+        raise FFTConvError(f"fftconv: {bad[0]} holds a non-finite value (NaN or inf) (check_finite=True)")
+
+
+def raise_if_non_finite(u, k, bias=None, pre_gate=None, post_gate=None) -> None:
+    """Raise FFTConvError naming the first of u, k, bias, pre_gate, post_gate holding a NaN or inf.
+
+    Concrete arrays: raises here. Traced arrays (inside jax.jit / nnx.jit / grad): the reduction runs
+    on the device and a `jax.debug.callback` raises when the computation executes; JAX surfaces it as a
+    `JaxRuntimeError` whose message contains the FFTConvError text. Cost: one pass over each argument.
+    """
+    named = [(name, x) for name, x in zip(_CHECKED_ARGS, (u, k, bias, pre_gate, post_gate)) if x is not None]
+    names = tuple(name for name, _ in named)
+    finite = jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in named])
+    if isinstance(finite, jax.core.Tracer):
+        jax.debug.callback(functools.partial(_raise_on_false, names), finite)
+    else:
+        _raise_on_false(names, finite)
+
+
+def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = None, dtype=None,
+                 device_kind: str | None = None) -> str:
+    """The implementation `impl="auto"` picks for this backend, device, length and input dtype.
+
+    The measured winner from the committed table `kernels/fftconv/tuned.json` (filled on the device by
+    `scripts/gpu_check.py --write-table`) for (backend, device kind, FFT size, dtype); "xla" where the
+    table has no row (on CPU the Pallas kernel only runs interpreted, and the matmul factorisation does
+    O(N·Σf) work against pocketfft's O(N log N)). On GPU, LONGCONV_PALLAS_AUTO_MAX_FFT=N forces
+    "pallas" for FFT sizes <= N regardless of the table.
     """
     backend = backend or jax.default_backend()
-    if backend == "gpu":
-        n = _monarch.fft_size(seqlen + (seqlen if ksize is None else ksize) - 1)
-        if n <= PALLAS_AUTO_MAX_FFT:
-            return "pallas"
+    n = _monarch.fft_size(seqlen + (seqlen if ksize is None else ksize) - 1)
+    if backend == "gpu" and n <= PALLAS_AUTO_MAX_FFT:
+        return "pallas"
+    if dtype is not None:
+        device_kind = jax.devices(backend)[0].device_kind if device_kind is None else device_kind
+        return _tuned.lookup(backend, device_kind, n, jnp.dtype(dtype).name) or "xla"
     return "xla"
 
 
-def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, impl: str = "auto"):
+def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, impl: str = "auto",
+            precision: str | None = None, check_finite: bool = False):
     """Causal long convolution (see module docstring). ``impl``: "auto" or a key of IMPLEMENTATIONS.
 
     ``freq_mask``: None (dense) or a static boolean (G0, G1) block mask over the plan's frequency grid
     (`kernels.fftconv.monarch.freq_grid(L, K)` gives (N, f0, f_last); G0 | f0, G1 | f_last).
+    ``precision``: matmul operand setting of "xla-matmul"/"pallas" (module docstring); None = per dtype.
+    A NaN/inf at one position of u makes the whole channel's output non-finite (module docstring);
+    ``check_finite=True`` raises FFTConvError naming the argument instead (`raise_if_non_finite`:
+    eagerly, or under jit when the computation runs).
     """
-    validate(u, k, bias, pre_gate, post_gate, freq_mask)
+    validate(u, k, bias, pre_gate, post_gate, freq_mask, precision)
+    if check_finite:
+        raise_if_non_finite(u, k, bias, pre_gate, post_gate)
     if impl == "auto":
-        impl = default_impl(u.shape[1], jax.default_backend(), k.shape[0])
+        impl = default_impl(u.shape[1], jax.default_backend(), k.shape[0], u.dtype)
     if impl not in IMPLEMENTATIONS:
         raise FFTConvError(f"fftconv: unknown impl {impl!r}; choose 'auto' or one of {sorted(IMPLEMENTATIONS)}")
-    if freq_mask is None:
-        return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate)
-    return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate, freq_mask=freq_mask)
+    return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, precision=precision)

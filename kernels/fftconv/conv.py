@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels.fftconv import monarch
+from kernels.fftconv import precision as _precision
 from kernels.fftconv.monarch import Plan
 from kernels.fftconv.reference import next_power_of_two
 
@@ -43,6 +44,7 @@ class OpConfig:
     impl: str
     plan: Plan
     interpret: bool
+    precision: str = "fp32"  # matmul operand setting, see kernels.fftconv.precision
 
 
 def chunk_size(seqlen: int, ksize: int) -> int | None:
@@ -56,10 +58,10 @@ def _raw(cfg: OpConfig, x, spec, plan: Plan, pre=None, post=None, bias=None):
     if cfg.impl == "pallas":
         from kernels.fftconv.pallas import conv_pallas
 
-        return conv_pallas(x, spec, plan, pre, post, bias, interpret=cfg.interpret)
+        return conv_pallas(x, spec, plan, pre, post, bias, interpret=cfg.interpret, precision=cfg.precision)
     if pre is not None:
         x = x * pre
-    y = monarch.conv_xla_matmul(x, spec, plan)
+    y = monarch.conv_xla_matmul(x, spec, plan, cfg.precision)
     if bias is not None:
         y = y + bias.astype(jnp.float32)[:, None] * x[..., : plan.n_out]
     if post is not None:
@@ -120,15 +122,16 @@ def _bwd(cfg: OpConfig, res, dy):
     dbias = None
     if bias is not None:
         dbias = jnp.sum(dz * x[..., : plan.n_out], axis=(0, 2)).astype(bias.dtype)
-    # dk = Re IFFT(M · Σ_b conj X_b · DZ_b)[0:K]; X carries the 1/N scale.
-    xr, xi = monarch.forward_real(x, plan, scaled=True)
-    dr, di = monarch.forward_real(dz, plan, scaled=False, rows=bplan.rows_in)
-    pr = jnp.sum(xr * dr + xi * di, axis=0)
-    pi = jnp.sum(xr * di - xi * dr, axis=0)
+    # dk = Re IFFT(M · Σ_b conj X_b · DZ_b)[0:K]. Both spectra are scaled transforms (s each) and the
+    # inverse carries 1/(N·s), so the fp32 batch sums are rescaled by 1/s (folded into the mask).
+    xr, xi = monarch.forward_real(x, plan, scaled=True, precision=cfg.precision)
+    dr, di = monarch.forward_real(dz, plan, scaled=True, rows=bplan.rows_in, precision=cfg.precision)
     m = monarch.mask_array(plan)
-    if m is not None:
-        pr, pi = pr * m, pi * m
-    dk = monarch.inverse_real((pr, pi), plan, n_out=k.shape[0])  # (H, K)
+    rescale = 1.0 / monarch.forward_scale(plan)
+    m = rescale if m is None else m * rescale
+    pr = jnp.sum(xr * dr + xi * di, axis=0) * m
+    pi = jnp.sum(xr * di - xi * dr, axis=0) * m
+    dk = monarch.inverse_real((pr, pi), plan, n_out=k.shape[0], precision=cfg.precision)  # (H, K)
     dk = jnp.swapaxes(dk, 0, 1).astype(k.dtype)
     return _blh(du).astype(u.dtype), dk, dbias, dpre, dpost
 
@@ -152,24 +155,28 @@ def _static_mask(freq_mask):
 
 
 def fftconv_matmul(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, impl="xla-matmul",
-                   interpret=None):
-    """Factorised causal conv (impl "xla-matmul" or "pallas"); same contract as `fftconv_xla`."""
+                   interpret=None, precision=None):
+    """Factorised causal conv (impl "xla-matmul" or "pallas"); same contract as `fftconv_xla`.
+
+    ``precision``: a `kernels.fftconv.precision` setting, None = the default for u's dtype.
+    """
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"unknown matmul impl {impl!r}")
     if interpret is None:
         interpret = impl == "pallas" and jax.default_backend() == "cpu"
+    precision = _precision.resolve(precision, u.dtype)
     return _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, freq_mask=_static_mask(freq_mask), impl=impl,
-                               interpret=bool(interpret))
+                               interpret=bool(interpret), precision=precision)
 
 
-@functools.partial(jax.jit, static_argnames=("freq_mask", "impl", "interpret"))
-def _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, *, freq_mask, impl, interpret):
+@functools.partial(jax.jit, static_argnames=("freq_mask", "impl", "interpret", "precision"))
+def _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, *, freq_mask, impl, interpret, precision):
     batch, seqlen, channels = u.shape
     ksize = k.shape[0]
     c = chunk_size(seqlen, ksize) if freq_mask is None else None
     if c is None:
         plan = monarch.make_plan(seqlen, ksize, seqlen, freq_mask)
-        return monarch_conv(u, k, bias, pre_gate, post_gate, OpConfig(impl, plan, bool(interpret)))
+        return monarch_conv(u, k, bias, pre_gate, post_gate, OpConfig(impl, plan, bool(interpret), precision))
     # Block-Toeplitz partial conv: chunks of C, each a full 2C-point linear conv, overlap-added.
     plan = monarch.make_plan(c, ksize, 2 * c, n=2 * c)
     x = u.astype(jnp.float32)
@@ -177,7 +184,7 @@ def _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, *, freq_mask, impl, int
         x = x * pre_gate.astype(jnp.float32)
     nchunks = -(-seqlen // c)
     xc = jnp.pad(x, ((0, 0), (0, nchunks * c - seqlen), (0, 0))).reshape(batch * nchunks, c, channels)
-    yf = monarch_conv(xc, k, None, None, None, OpConfig(impl, plan, bool(interpret)))
+    yf = monarch_conv(xc, k, None, None, None, OpConfig(impl, plan, bool(interpret), precision))
     yf = yf.reshape(batch, nchunks, 2 * c, channels)
     carry = jnp.pad(yf[:, :-1, c:], ((0, 0), (1, 0), (0, 0), (0, 0)))
     y = (yf[:, :, :c] + carry).reshape(batch, nchunks * c, channels)[:, :seqlen]

@@ -10,8 +10,7 @@ and each stage j is
 followed by the same on n_rest. The output is left in digit-reversed ("permuted") order: axis j holds
 frequency digit k_j with k = k_0 + f_0·(k_1 + f_1·(k_2 + …)). The filter spectrum is computed in that
 order by the same code (no permutation anywhere), the product is pointwise, and the inverse applies the
-conjugate stages in reverse order and lands in natural time order. 1/N is folded into the stage-0
-forward twiddle of the signal transform (the filter transform is unscaled).
+conjugate stages in reverse order and lands in natural time order (1/N: see Scaling below).
 
 Real input / causal padding: the signal is real and zero beyond L_in, so stage 0 only reads the first
 `rows_in = ceil(L_in / R_0)` time rows (real × complex: 2 matmuls instead of 4) and the last inverse
@@ -23,8 +22,15 @@ from every stage (the inner transforms of those rows are never computed); last-d
 that are zero for every kept row are dropped from the last forward and first inverse matmul; blocks
 that are zero inside the kept rectangle are multiplied by 0.
 
-Complex values are carried as separate fp32 (re, im) planes; every matmul runs at
-`precision=jax.lax.Precision.HIGHEST` with fp32 accumulation.
+Scaling: with f_j = 2^b_j, each stage of the signal transform ("scaled") carries 2^-floor(b_j/2) and
+each inverse stage 2^-ceil(b_j/2) (together the 1/N of the inverse; `forward_scale`). The stages are
+within √2 of unitary, so every matmul operand stays O(|x|) (fp16-safe at every N), and the scales are
+powers of two, so bf16/fp16 DFT matrices round exactly like unscaled ones. The filter transform is
+unscaled.
+
+Complex values are carried as separate fp32 (re, im) planes; matmuls run at a `precision` setting
+(`kernels.fftconv.precision`: fp32 HIGHEST by default, or bf16/fp16/tf32/bf16x3 operands) with fp32
+accumulation; twiddles and pointwise products are fp32.
 """
 
 from __future__ import annotations
@@ -37,9 +43,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels.fftconv import precision as _precision
 from kernels.fftconv.reference import next_power_of_two
 
-HIGHEST = jax.lax.Precision.HIGHEST
 MIN_FFT_SIZE = 256  # smallest plan
 MAX_FFT_SIZE = 1 << 24  # largest plan (4 stages of 64)
 
@@ -206,6 +212,11 @@ def _twiddle64(factors: tuple[int, ...], level: int) -> np.ndarray:
     return np.exp(-2j * np.pi * np.outer(np.arange(f), np.arange(rest)) / (f * rest))
 
 
+def forward_scale(plan: Plan) -> float:
+    """The factor a `scaled` forward transform applies (a power of two; the inverse applies 1/(N·it))."""
+    return 2.0 ** -sum((f.bit_length() - 1) // 2 for f in plan.factors)
+
+
 def _planes(z: np.ndarray):
     return jnp.asarray(z.real, jnp.float32), jnp.asarray(z.imag, jnp.float32)
 
@@ -214,13 +225,17 @@ def stage_constants(plan: Plan, level: int, *, scaled: bool = False, inverse: bo
     """(F, T) planes for one level; rows/cols restricted to the plan's kept digits and time rows.
 
     Forward: F (k_j, n_j) and T (k_j, n_rest). Inverse: conj F as (n_j, k_j) and conj T.
+    `scaled` forward: F · 2^-floor(b_j/2); inverse: conj F · 2^-ceil(b_j/2) (module doc, Scaling).
     """
     f = plan.factors
     p = len(f)
     dft = _dft64(f[level])
+    bits = f[level].bit_length() - 1
+    if inverse:
+        dft = dft * 2.0 ** -((bits + 1) // 2)
+    elif scaled:
+        dft = dft * 2.0 ** -(bits // 2)
     tw = _twiddle64(f, level) if level < p - 1 else None
-    if scaled and level == 0:
-        tw = tw / plan.n
     if not inverse:
         if level == 0:
             dft = dft[np.ix_(plan.keep_rows, range(plan.rows_in))]
@@ -243,22 +258,23 @@ def stage_constants(plan: Plan, level: int, *, scaled: bool = False, inverse: bo
 # ----------------------------------------------------------------------------------------------------
 
 
-def _mm(spec: str, a, b):
-    return jnp.einsum(spec, a, b, precision=HIGHEST, preferred_element_type=jnp.float32)
+def _mm(spec: str, a, b, precision: str = "fp32"):
+    return _precision.dot(functools.partial(jnp.einsum, spec), a, b, precision)
 
 
-def cmatmul(spec: str, a, b):
+def cmatmul(spec: str, a, b, precision: str = "fp32"):
     """Complex einsum on (re, im) planes; either side may be real (im None). 4, 2 or 1 real matmuls."""
     ar, ai = a
     br, bi = b
-    rr = _mm(spec, ar, br)
+    mm = functools.partial(_mm, spec, precision=precision)
+    rr = mm(ar, br)
     if ai is None and bi is None:
         return rr, None
     if ai is None:
-        return rr, _mm(spec, ar, bi)
+        return rr, mm(ar, bi)
     if bi is None:
-        return rr, _mm(spec, ai, br)
-    return rr - _mm(spec, ai, bi), _mm(spec, ar, bi) + _mm(spec, ai, br)
+        return rr, mm(ai, br)
+    return rr - mm(ai, bi), mm(ar, bi) + mm(ai, br)
 
 
 def cmul(a, b):
@@ -286,16 +302,16 @@ def pad_rows(x, plan: Plan, rows: int | None = None):
     return x.reshape(*x.shape[:-1], rows, plan.rest0)
 
 
-def forward_levels(z, plan: Plan, start: int, stop: int, *, scaled: bool):
+def forward_levels(z, plan: Plan, start: int, stop: int, *, scaled: bool, precision: str = "fp32"):
     """Forward levels start..stop-1 on planes z. Input layout at level j: (…, f_j-or-rows, R_j)."""
     f = plan.factors
     p = len(f)
     for level in range(start, stop):
         (fr, fi), tw = stage_constants(plan, level, scaled=scaled)
         if level == p - 1:
-            z = cmatmul("...n,nk->...k", z, (fr, fi))
+            z = cmatmul("...n,nk->...k", z, (fr, fi), precision)
         else:
-            z = cmatmul("kn,...nm->...km", (fr, fi), z)
+            z = cmatmul("kn,...nm->...km", (fr, fi), z, precision)
             z = cmul(z, tw)
             if level + 1 < p - 1:
                 shape = z[0].shape
@@ -304,7 +320,7 @@ def forward_levels(z, plan: Plan, start: int, stop: int, *, scaled: bool):
     return z
 
 
-def inverse_levels(z, plan: Plan, start: int, stop: int, *, real_out: bool = False):
+def inverse_levels(z, plan: Plan, start: int, stop: int, *, real_out: bool = False, precision: str = "fp32"):
     """Inverse levels start down to stop (start > stop-1), e.g. (p-1 … 0). Returns merged rest axis.
 
     Input layout: (…, k_0, …, k_start) (spectrum layout); output after level j: (…, k_0..k_{j-1}, R_{j-1}).
@@ -314,15 +330,15 @@ def inverse_levels(z, plan: Plan, start: int, stop: int, *, real_out: bool = Fal
     for level in range(start, stop - 1, -1):
         (gr, gi), tw = stage_constants(plan, level, inverse=True)
         if level == p - 1:
-            z = cmatmul("...k,kn->...n", z, (gr, gi))
+            z = cmatmul("...k,kn->...n", z, (gr, gi), precision)
         else:
             z = cmul(z, tw)
             if level == 0 and real_out:
                 zr, zi = z
-                out = _mm("nk,...km->...nm", gr, zr) - _mm("nk,...km->...nm", gi, zi)
-                z = (out, None)
+                mm = functools.partial(_mm, "nk,...km->...nm", precision=precision)
+                z = (mm(gr, zr) - mm(gi, zi), None)
             else:
-                z = cmatmul("nk,...km->...nm", (gr, gi), z)
+                z = cmatmul("nk,...km->...nm", (gr, gi), z, precision)
         shape = z[0].shape
         if level < p - 1:
             merged = shape[-2] * shape[-1]
@@ -330,24 +346,24 @@ def inverse_levels(z, plan: Plan, start: int, stop: int, *, real_out: bool = Fal
     return z
 
 
-def forward_real(x, plan: Plan, *, scaled: bool, rows: int | None = None):
+def forward_real(x, plan: Plan, *, scaled: bool, rows: int | None = None, precision: str = "fp32"):
     """Spectrum planes (…, *plan.spectrum_shape) of real x (…, L) (zero-padded to N)."""
     xr = pad_rows(x.astype(jnp.float32), plan, rows)
     if rows is not None and rows != plan.rows_in:
         plan = _with_rows_in(plan, rows)
-    return forward_levels((xr, None), plan, 0, plan.stages, scaled=scaled)
+    return forward_levels((xr, None), plan, 0, plan.stages, scaled=scaled, precision=precision)
 
 
 def _with_rows_in(plan: Plan, rows: int) -> Plan:
     return dataclasses.replace(plan, rows_in=rows)
 
 
-def inverse_real(z, plan: Plan, n_out: int | None = None):
+def inverse_real(z, plan: Plan, n_out: int | None = None, precision: str = "fp32"):
     """Real time signal (…, n_out) from spectrum planes in the plan's layout."""
     n_out = plan.n_out if n_out is None else n_out
     if n_out != plan.n_out:
         plan = dataclasses.replace(plan, rows_out=_ceil_div(n_out, plan.rest0), n_out=n_out)
-    out, _ = inverse_levels(z, plan, plan.stages - 1, 0, real_out=True)
+    out, _ = inverse_levels(z, plan, plan.stages - 1, 0, real_out=True, precision=precision)
     return out[..., :n_out]
 
 
@@ -371,8 +387,8 @@ def filter_spectrum(k, plan: Plan):
     return kr, ki
 
 
-def conv_xla_matmul(x_bhl, spec, plan: Plan):
+def conv_xla_matmul(x_bhl, spec, plan: Plan, precision: str = "fp32"):
     """(x ∗ k)[0:n_out] for x (B, H, L_in) fp32 and a spectrum from `filter_spectrum`; (B, H, n_out)."""
-    z = forward_real(x_bhl, plan, scaled=True)
+    z = forward_real(x_bhl, plan, scaled=True, precision=precision)
     z = cmul(z, spec)
-    return inverse_real(z, plan)
+    return inverse_real(z, plan, precision=precision)

@@ -85,7 +85,8 @@ def _local_rows(sharding, global_shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _assemble(block_source, row_indices: np.ndarray, mask: np.ndarray, block_size: int, sharding) -> Batch:
-    """Gather blocks (only this process's rows when sharded) and build the batch dict."""
+    """Gather blocks (only this process's rows when sharded) and build the batch dict; ``mask`` is per
+    row (rows,) or per position (rows, block_size)."""
     global_shape = (len(row_indices), block_size)
     if sharding is None:
         local = np.arange(len(row_indices))
@@ -95,7 +96,8 @@ def _assemble(block_source, row_indices: np.ndarray, mask: np.ndarray, block_siz
     arrays = {
         "inputs": np.ascontiguousarray(blocks[:, :-1]),
         "targets": np.ascontiguousarray(blocks[:, 1:]),
-        "mask": np.repeat(mask[local, None], block_size, axis=1).astype(np.float32),
+        "mask": np.ascontiguousarray(
+            np.broadcast_to(mask[local].reshape(len(local), -1), (len(local), block_size)), dtype=np.float32),
     }
     if sharding is None:
         return arrays
@@ -228,20 +230,30 @@ def eval_batches(
 
     ``pad=False`` (default) drops the last partial batch (fewer than ``batch_size`` blocks), so every row
     is real data and a consumer may ignore ``mask`` -- except when the split has fewer blocks than one
-    batch: then the single batch is padded. ``pad=True`` always completes the last batch with padding
-    rows. Padding rows repeat block 0 and have ``mask`` 0: weight per-token losses by ``mask``.
-    ``max_batches`` stops early.
+    batch: then the single batch is padded. ``pad=True`` scores every target position of the split
+    exactly once: after the full blocks comes the partial tail block (`PackedTokens.tail_block`, its
+    padding positions masked), and the last batch is completed with padding rows. Padding rows repeat
+    block 0 and have ``mask`` 0: weight per-token losses by ``mask``. ``max_batches`` stops early.
     """
     check_batch_size(batch_size, sharding, "eval batch size")
     n = data.num_blocks
-    n_batches = -(-n // batch_size) if (pad or n < batch_size) else n // batch_size
+    tail = data.tail_positions if pad else 0
+    rows = n + (1 if tail else 0)  # row n is the tail block
+    n_batches = -(-rows // batch_size) if (pad or n < batch_size) else n // batch_size
     if max_batches is not None:
         n_batches = min(n_batches, max_batches)
+
+    def blocks(indices: np.ndarray) -> np.ndarray:
+        out = data.blocks(np.where(indices < n, indices, 0))
+        out[indices == n] = data.tail_block()
+        return out
+
     for b in range(n_batches):
         indices = np.arange(b * batch_size, (b + 1) * batch_size)
-        mask = (indices < n).astype(np.float32)
-        indices = np.where(indices < n, indices, 0)
-        yield _assemble(data.blocks, indices, mask, data.block_size, sharding)
+        mask = np.repeat((indices < n).astype(np.float32)[:, None], data.block_size, axis=1)
+        mask[indices == n, :tail] = 1.0
+        indices = np.where(indices < rows, indices, 0)
+        yield _assemble(blocks, indices, mask, data.block_size, sharding)
 
 
 # ------------------------------------------------------------------------------------------ building

@@ -61,6 +61,19 @@ class PackedTokens:
         return self.tokens[offsets]
 
     @property
+    def tail_positions(self) -> int:
+        """Target positions after the last full block (0 <= n < block_size): the ones ``blocks`` leaves out."""
+        return self.n_tokens - 1 - self.num_blocks * self.block_size
+
+    def tail_block(self) -> np.ndarray:
+        """The last ``tail_positions + 1`` tokens right-padded with token 0 to a (block_size + 1,) block:
+        its first ``tail_positions`` next-token transitions are the ones after the last full block."""
+        out = np.zeros(self.block_size + 1, dtype=np.int32)
+        start = self.num_blocks * self.block_size
+        out[: self.n_tokens - start] = self.tokens[start:]
+        return out
+
+    @property
     def bytes_per_token(self) -> float:
         """UTF-8 bytes of text per token (<eod> tokens count as tokens and carry no text)."""
         return self.n_bytes / self.n_tokens

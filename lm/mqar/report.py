@@ -11,7 +11,7 @@ import pathlib
 from collections import defaultdict
 
 # (L, P, d_model) -> {mixer: accuracy}; read off the published Figure 2 plot (not a table in the
-# repository); best of four learning rates. Source: /work/shared/reference/mqar.md.
+# repository); best of four learning rates. Source: ../shared/reference/mqar.md (relative to the repository root).
 _FIG2_ROWS = """
 64 4 64 1.00 0.52 0.77 0.92 0.70
 64 4 128 1.00 0.75 0.92 0.98 0.94

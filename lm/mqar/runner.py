@@ -113,6 +113,9 @@ class GridConfig:
                 raise ConfigError(f"config key 'grid.{name}' must not be empty")
         if any(lr <= 0 for lr in self.lrs):
             raise ConfigError("config key 'grid.lrs': learning rates must be > 0")
+        bad = [d for d in self.d_models if d < 1]
+        if bad:
+            raise ConfigError(f"config key 'grid.d_models': every d_model must be >= 1, got {bad[0]}")
 
 
 @dataclasses.dataclass

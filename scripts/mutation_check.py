@@ -1,0 +1,142 @@
+"""Break the code on purpose and check that the tests notice (mutation testing; not part of CI).
+
+    python scripts/mutation_check.py                 # every mutation below
+    python scripts/mutation_check.py --list          # names, files and tests
+    python scripts/mutation_check.py pallas-runs-xla temperature-ignored
+
+Each mutation replaces one exact snippet of one source file in a temporary copy of the repository (the
+files `git ls-files` lists, plus untracked ones that are not ignored), runs the tests that guard it there
+with pytest and prints a table: "caught" (a test failed), "MISSED" (all passed), "STALE" (the snippet is
+no longer in the file: update the mutation), "error" (pytest could not run, e.g. no test selected).
+Exit status 1 unless every mutation is caught. Add a mutation with every test that guards a claim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # file to change, relative to the repository root
+    old: str  # exact snippet (must occur once)
+    new: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, "-k expr"
+
+
+MUTATIONS = [
+    Mutation("pallas-runs-xla", "kernels/fftconv/api.py",
+             '"pallas": _pallas}', '"pallas": _xla}',
+             ("tests/test_fftconv_dispatch.py",)),
+    Mutation("matmul-runs-xla", "kernels/fftconv/api.py",
+             '"xla-matmul": _xla_matmul,', '"xla-matmul": _xla,',
+             ("tests/test_fftconv_dispatch.py",)),
+    Mutation("partial-never-chunked", "kernels/fftconv/conv.py",
+             "c = chunk_size(seqlen, ksize) if freq_mask is None else None", "c = None",
+             ("tests/test_fftconv_dispatch.py",)),
+    Mutation("check-finite-ignored", "kernels/fftconv/api.py",
+             "    if check_finite:\n", "    if False:\n",
+             ("tests/test_fftconv.py", "-k", "finite")),
+    Mutation("check-finite-silent-under-jit", "kernels/fftconv/api.py",
+             "jax.debug.callback(functools.partial(_raise_on_false, names), finite)", "pass",
+             ("tests/test_fftconv.py", "-k", "finite")),
+    Mutation("fftconv-list-input-unnamed", "kernels/fftconv/api.py",
+             "            _check_array(name, x)\n", "            pass\n",
+             ("tests/test_fftconv.py", "-k", "validation")),
+    Mutation("char-vocab-off-by-one", "lm/data/tokenizers.py",
+             "self.vocab_size = offset + len(chars)", "self.vocab_size = offset + len(chars) + 1",
+             ("tests/test_data.py", "-k", "shakespeare")),
+    Mutation("mqar-eval-always-1", "lm/mqar/runner.py",
+             "return acc_sum / n, loss_sum / n", "return 1.0, loss_sum / n",
+             ("tests/test_mqar.py", "-k", "known_answers")),
+    Mutation("mqar-eval-ignores-padding-weight", "lm/mqar/runner.py",
+             "return (row_acc * w).sum(), (loss * w).sum()", "return row_acc.sum(), loss.sum()",
+             ("tests/test_mqar.py", "-k", "known_answers")),
+    Mutation("mqar-d-models-unchecked", "lm/mqar/runner.py",
+             "        bad = [d for d in self.d_models if d < 1]\n", "        bad = []\n",
+             ("tests/test_mqar.py", "-k", "config_errors")),
+    Mutation("distill-zero-residues", "lm/distill/convert.py",
+             "modal[i][name], reports[i][name] = params, reps",
+             "modal[i][name], reports[i][name] = params._replace(res_re=0 * params.res_re, res_im=0 * params.res_im), reps",
+             ("tests/test_generate.py", "-k", "original")),
+    Mutation("temperature-ignored", "lm/generate.py",
+             "filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)",
+             "filter_logits(logits, cfg.top_k, cfg.top_p)",
+             ("tests/test_generate.py", "-k", "temperature")),
+]
+
+
+def repo_files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, capture_output=True,
+                         check=True)
+    return [f for f in out.stdout.decode().split("\0") if f and (REPO / f).is_file()]
+
+
+def copy_repo(dest: pathlib.Path) -> None:
+    for rel in repo_files():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+
+
+def run_one(m: Mutation, timeout: float) -> tuple[str, str, float]:
+    """(outcome, first failing test, seconds) of one mutation in a fresh copy of the repository."""
+    with tempfile.TemporaryDirectory(prefix="mutation-") as tmp:
+        root = pathlib.Path(tmp) / "repo"
+        copy_repo(root)
+        path = root / m.path
+        text = path.read_text()
+        if text.count(m.old) != 1:
+            return "STALE", "", 0.0
+        path.write_text(text.replace(m.old, m.new))
+        env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests]
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "error (timeout)", "", time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+    outcome = {0: "MISSED", 1: "caught"}.get(proc.returncode, f"error (pytest exit {proc.returncode})")
+    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in proc.stdout.splitlines()
+              if line.startswith(("FAILED ", "ERROR "))]
+    return outcome, failed[0] if failed else "", seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="mutations to run (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per mutation")
+    args = parser.parse_args(argv)
+    known = {m.name: m for m in MUTATIONS}
+    unknown = [n for n in args.names if n not in known]
+    if unknown:
+        parser.error(f"unknown mutation {unknown[0]!r}; see --list")
+    chosen = [known[n] for n in args.names] or MUTATIONS
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:34s} {m.path:28s} {' '.join(m.tests)}")
+        return 0
+    print("| mutation | file | tests | result | first failing test | s |\n|---|---|---|---|---|---|", flush=True)
+    all_caught = True
+    for m in chosen:
+        outcome, failed, seconds = run_one(m, args.timeout)
+        all_caught &= outcome == "caught"
+        print(f"| {m.name} | {m.path} | {' '.join(m.tests)} | {outcome} | {failed} | {seconds:.0f} |", flush=True)
+    return 0 if all_caught else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The public `fftconv` runs the implementation and plan it is asked for, read off its jaxpr.
+
+Every implementation computes the same function, so value tests cannot tell them apart: these tests
+look at the traced program of `kernels.fftconv.fftconv` itself (not of the internal entry points).
+"xla" has `fft` primitives and no `pallas_call`; "xla-matmul" has neither, only DFT-matrix
+`dot_general`s of the plan's factor sizes; "pallas" has a `pallas_call` and no `fft`. The partial mode
+(K <= L/4) must run block-Toeplitz: the sequence reshaped to (B·chunks, C, H) and 2C-point plans.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from kernels.fftconv import fftconv, monarch
+from kernels.fftconv.conv import chunk_size
+from kernels.fftconv.reference import direct_causal_conv_np
+
+from test_fftconv import FP32_TOL, make_inputs, rel_l2
+
+
+def equations(jaxpr):
+    """Every equation of a jaxpr and of the jaxprs nested in its parameters (jit, custom_vjp, pallas)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns"):
+                    yield from equations(inner)
+
+
+def traced(u, k, **kwargs):
+    return list(equations(jax.make_jaxpr(lambda u, k: fftconv(u, k, **kwargs))(u, k).jaxpr))
+
+
+def dft_sizes(eqns) -> set[int]:
+    """Largest side of every 2-D operand of the matmuls and of the Pallas kernel: the DFT-matrix
+    (and twiddle) sizes f_j of the plans that ran (stage 0 reads only rows_in <= f_0 rows)."""
+    return {max(var.aval.shape) for eqn in eqns if eqn.primitive.name in ("dot_general", "pallas_call")
+            for var in eqn.invars if len(getattr(var.aval, "shape", ())) == 2}
+
+
+@pytest.mark.parametrize("impl", ["xla", "xla-matmul", "pallas", "auto"])
+def test_public_op_runs_the_requested_impl(impl):
+    u, k = make_inputs(1, 1024, 2, 1024)[:2]
+    eqns = traced(u, k, impl=impl)
+    names = Counter(eqn.primitive.name for eqn in eqns)
+    ran = "pallas" if names["pallas_call"] else "xla" if names["fft"] else "xla-matmul"
+    assert ran == ("xla" if impl == "auto" else impl), names  # auto = xla on CPU
+    if ran != "xla":  # the 2048-point plan of L + K - 1 = 2047: 32 x 64 DFT matrices
+        assert dft_sizes(eqns) == set(monarch.plan_factors(2048)) == {32, 64}
+
+
+@pytest.mark.parametrize("impl", ["xla-matmul", "pallas"])
+def test_partial_filter_runs_block_toeplitz_on_the_public_op(impl):
+    """K = 100 <= L/4: chunks of C = 128 with 256-point (16 x 16) plans, not the dense 4096-point plan
+    (64 x 64); the result is the K-tap causal conv (float64 direct reference)."""
+    batch, seqlen, ksize = 2, 2048, 100
+    u, k, bias, pre, post = make_inputs(batch, seqlen, 2, ksize, seed=3)
+    c = chunk_size(seqlen, ksize)
+    assert c == 128
+    eqns = traced(u, k, impl=impl)
+    reshapes = {tuple(eqn.outvars[0].aval.shape) for eqn in eqns if eqn.primitive.name == "reshape"}
+    assert (batch * seqlen // c, c, 2) in reshapes
+    assert dft_sizes(eqns) == set(monarch.plan_factors(2 * c)) == {16}
+    y = fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl=impl)
+    assert rel_l2(y, direct_causal_conv_np(u, k, bias, pre, post)) < FP32_TOL
