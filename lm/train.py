@@ -362,10 +362,19 @@ class Trainer:
         self.abstract_state = abstract
         self.n_params = int(sum(x.size for x in jax.tree.leaves(nnx.state(abs_model, nnx.Param))))
 
+        # The step takes and returns the state as its flat list of arrays (`state` rebuilds the tree):
+        # flattening the NNX Variables on the host every call costs milliseconds on a tiny model.
+        step = make_train_step(self.graphdef_model, self.graphdef_opt, tc.grad_accum, self.schedule)
+        leaf_shardings = jax.tree.leaves(self.state_shardings)
+
+        def flat_step(leaves, batch):
+            state, metrics = step(jax.tree.unflatten(self._state_def, leaves), batch)
+            return jax.tree.leaves(state), metrics
+
         self._train_step = jax.jit(
-            make_train_step(self.graphdef_model, self.graphdef_opt, tc.grad_accum, self.schedule),
-            in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, replicated(self.mesh)),
+            flat_step,
+            in_shardings=(leaf_shardings, self.batch_sharding),
+            out_shardings=(leaf_shardings, replicated(self.mesh)),
             donate_argnums=(0,),
         )
         self._eval_step = jax.jit(
@@ -443,6 +452,15 @@ class Trainer:
         nnx.update(model, params)
         self.state = {"model": nnx.state(model), "optimizer": self.state["optimizer"]}
         self.log(f"initialized weights from {path} (step {meta['step']})")
+
+    @property
+    def state(self) -> dict[str, Any]:
+        """The split NNX state {"model": ..., "optimizer": ...} (stored as the step's flat leaves)."""
+        return jax.tree.unflatten(self._state_def, self._state_leaves)
+
+    @state.setter
+    def state(self, value: dict[str, Any]) -> None:
+        self._state_leaves, self._state_def = jax.tree.flatten(value)
 
     @property
     def model(self) -> LM:
@@ -547,15 +565,15 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 while self.step < end:
                     batch = self.data.next_batch()
-                    new_state, metrics = self._program("train_step", self._train_step, self.state, batch)(
-                        self.state, batch)
+                    new_leaves, metrics = self._program("train_step", self._train_step, self._state_leaves, batch)(
+                        self._state_leaves, batch)
                     data_before = self._data_state
                     # One statement: an interrupt never leaves the state, step and data position apart.
-                    self.state, self.step, self._data_state = new_state, self.step + 1, self.data.state()
+                    self._state_leaves, self.step, self._data_state = new_leaves, self.step + 1, self.data.state()
                     self._pending.append((self.step, metrics, data_before))
                     s = self.step
                     if s == first_step:  # compiled and ran: start the clock for tokens/s and the ETA here
-                        jax.block_until_ready(self.state)
+                        jax.block_until_ready(self._state_leaves)
                         progress.start(s, time.perf_counter() - t_start)
                     if (tc.log_every and s % tc.log_every == 0) or s == end:
                         m = self._flush()

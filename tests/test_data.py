@@ -359,6 +359,34 @@ def test_loader_exact_resume_across_epoch_boundary():
         BatchLoader(data, 4, seed=8).restore(state)
 
 
+def test_grain_loader_batches_are_a_pure_function_of_seed_and_index():
+    """The batches come from a grain MapDataset: batch j is the same whether read ahead by the grain
+    reader thread, synchronously, or directly by index; every epoch is a fresh permutation of distinct
+    blocks; the checkpointed grain iterator state counts consumed (not prefetched) batches."""
+    import grain
+
+    data = _packed()
+    ahead, sync = BatchLoader(data, 4, seed=5, prefetch=4), BatchLoader(data, 4, seed=5, prefetch=0)
+    assert isinstance(ahead.dataset, grain.MapDataset)
+    steps = ahead.steps_per_epoch
+    for j in range(2 * steps + 3):
+        a, b = ahead.next(), sync.next()
+        np.testing.assert_array_equal(a["inputs"], b["inputs"])
+        np.testing.assert_array_equal(a["inputs"], ahead.batch(j)["inputs"])
+        np.testing.assert_array_equal(a["inputs"], data.blocks(ahead.indices(j))[:, :-1])
+    assert ahead.state()["iterator"] == {"next_index": 2 * steps + 3}
+    for epoch in range(2):
+        seen = np.concatenate([ahead.indices(epoch * steps + k) for k in range(steps)])
+        assert len(set(seen.tolist())) == steps * 4 and seen.min() >= 0 and seen.max() < data.num_blocks
+    assert not np.array_equal(ahead.indices(0), ahead.indices(steps))
+    # The order is grain's own per-epoch shuffle of the blocks (MapDataset.shuffle reseeds each epoch).
+    order = grain.MapDataset.range(data.num_blocks).shuffle(seed=5)
+    for j in (0, 7, steps, 2 * steps + 1):
+        epoch, k = divmod(j, steps)
+        start = epoch * data.num_blocks + k * 4
+        np.testing.assert_array_equal(ahead.indices(j), [order[i] for i in range(start, start + 4)])
+
+
 def test_bundle_facade_resume(text_file):
     c = cfg(text_file, block_size=16, batch_size=4, seed=3)
     reference = build_data(c)

@@ -146,6 +146,40 @@ def test_attention_dropout_only_in_training():
     np.testing.assert_allclose(_np(mod(x)), _np(ref(x)), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("window", [None, 1, 4])
+def test_forward_uses_dot_product_attention_and_matches_the_written_out_path(window, monkeypatch):
+    """Without dropout the forward is `jax.nn.dot_product_attention` (causal + local window); it equals
+    the written-out scores/mask/softmax path (a dropout module in eval mode) for every window."""
+    calls = []
+    sdpa = jax.nn.dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    fast = _attention(num_heads=2, window=window)
+    written = _attention(num_heads=2, window=window, dropout=0.5)
+    _randomize(fast)
+    _randomize(written)
+    written.eval()
+    x = _x()
+    y_fast = fast(x)
+    assert calls and calls[0]["is_causal"] and calls[0]["local_window_size"] == (None if window is None else (window - 1, 0))
+    n_calls = len(calls)
+    y_written = written(x)
+    assert len(calls) == n_calls  # the dropout module never calls it
+    np.testing.assert_allclose(_np(y_fast), _np(y_written), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend,dtype,head_dim,expected", [
+    ("gpu", jnp.bfloat16, 64, "cudnn"), ("gpu", jnp.float16, 128, "cudnn"), ("gpu", jnp.float32, 64, None),
+    ("gpu", jnp.bfloat16, 12, None), ("gpu", jnp.bfloat16, 256, None), ("cpu", jnp.bfloat16, 64, None),
+    ("tpu", jnp.bfloat16, 64, None)])
+def test_sdpa_implementation_picks_cudnn_only_where_it_applies(backend, dtype, head_dim, expected):
+    assert attn_mod.sdpa_implementation(dtype, head_dim, backend) == expected
+
+
 # ---------------------------------------------------------------------------------------------- Based
 def _np_phi(x):
     d = x.shape[-1]

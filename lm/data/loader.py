@@ -4,11 +4,12 @@ A batch is a dict of three (batch, block_size) arrays: ``inputs`` and ``targets`
 inputs shifted by one token) and ``mask`` (float32: 1 for real rows, 0 for padding rows, which only the
 last validation batch can have).
 
-`BatchLoader` walks the training blocks in a fresh seeded permutation every epoch
-(``default_rng([seed, epoch])``); an epoch is ``num_blocks // batch_size`` steps (the leftover blocks
-of a permutation are skipped that epoch, different ones each epoch). Its position is a small dict of
-ints, ``state()``, that ``restore(state)`` puts back exactly, so a checkpointed run resumes with the
-same batches it would have seen.
+`BatchLoader` is a `grain` pipeline: it walks the training blocks in a fresh seeded permutation every
+epoch (grain's index shuffle with seed ``seed + epoch``); an epoch is ``num_blocks // batch_size``
+steps (the leftover blocks of a permutation are skipped that epoch, different ones each epoch), and
+batches are assembled ahead of time in a grain reader thread. Its position, ``state()``, is a small
+JSON-serialisable dict (ints and grain's iterator state) that ``restore(state)`` puts back exactly, so
+a checkpointed run resumes with the same batches it would have seen.
 
 With a ``sharding`` (a `jax.sharding.NamedSharding` whose first partition-spec entry names the data
 axes, e.g. ``P(("data", "fsdp"))``), batches come back as global `jax.Array`s built with
@@ -109,28 +110,42 @@ def _assemble(block_source, row_indices: np.ndarray, mask: np.ndarray, block_siz
 
 
 class BatchLoader:
-    """Seeded, epoch-shuffled, exactly resumable training batches of `PackedTokens` blocks.
+    """Seeded, epoch-shuffled, exactly resumable training batches of `PackedTokens` blocks, on grain.
+
+    The batches are a `grain.MapDataset`: batch ``j = e·steps_per_epoch + k`` holds rows k·B .. (k+1)·B-1
+    of epoch e's permutation of the N blocks, grain's index shuffle seeded by ``seed + e`` (the
+    permutation `grain.MapDataset.shuffle` uses, computed per row: no permutation array is
+    materialised), so any batch is a pure function of (seed, j). Each process gathers only the rows of the global batch its
+    devices hold (see `_assemble`), so the global batch does not depend on the number of processes.
+    Batches are produced ``prefetch`` ahead in a grain reader thread (0 = synchronously).
 
     ``next()`` (or ``next(loader)``) returns the next batch; ``state()`` / ``restore(state)`` save and
-    put back the position ``{"epoch", "step", "seed", "num_blocks", "batch_size"}`` (plain ints; restore
-    checks that seed, block count and batch size still match).
+    put back the position ``{"epoch", "step", "seed", "num_blocks", "batch_size", "iterator"}`` (plain
+    ints and grain's iterator state, JSON-serialisable; restore checks that seed, block count and batch
+    size still match).
     """
 
-    def __init__(self, data: PackedTokens, batch_size: int, seed: int = 0, sharding=None) -> None:
+    def __init__(self, data: PackedTokens, batch_size: int, seed: int = 0, sharding=None, prefetch: int = 2) -> None:
+        import grain
+
         check_batch_size(batch_size, sharding)
         if data.num_blocks < batch_size:
             raise DataError(
                 f"the {data.name} split has {data.num_blocks} blocks of {data.block_size + 1} tokens, fewer than one "
                 f"batch of {batch_size}; lower data.batch_size or data.block_size, or use more text"
             )
+        if not 0 <= int(seed) < 2**32:
+            raise DataError(f"data.seed must be in [0, 2**32), got {seed}")
         self.data = data
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.sharding = sharding
-        self.epoch = 0
-        self.step = 0
-        self._perm_epoch = -1
-        self._perm: np.ndarray | None = None
+        self.prefetch = int(prefetch)
+        self.dataset = (grain.MapDataset.range(self.steps_per_epoch).repeat()
+                        .map_with_index(lambda j, _: self.batch(j)))
+        self._read_options = grain.ReadOptions(num_threads=min(self.prefetch, 1), prefetch_buffer_size=self.prefetch)
+        self._iterator = None
+        self.position = 0  # batches consumed
 
     @property
     def steps_per_epoch(self) -> int:
@@ -140,41 +155,55 @@ class BatchLoader:
     def tokens_per_batch(self) -> int:
         return self.batch_size * self.data.block_size
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        """Block order of ``epoch`` (a pure function of seed and epoch)."""
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = rng.permutation(self.data.num_blocks)
-            self._perm_epoch = epoch
-        return self._perm
+    @property
+    def epoch(self) -> int:
+        return self.position // self.steps_per_epoch
 
-    def next_indices(self) -> np.ndarray:
-        """Global block indices of the next batch; advances the position."""
-        if self.step >= self.steps_per_epoch:
-            self.epoch += 1
-            self.step = 0
-        perm = self.permutation(self.epoch)
-        indices = perm[self.step * self.batch_size : (self.step + 1) * self.batch_size]
-        self.step += 1
-        return indices
+    @property
+    def step(self) -> int:
+        return self.position % self.steps_per_epoch
+
+    def indices(self, j: int) -> np.ndarray:
+        """Global block indices of batch ``j``: rows k·B .. (k+1)·B-1 of epoch e's permutation, where
+        ``j = e·steps_per_epoch + k`` (grain's index shuffle, as `grain.MapDataset.shuffle` uses it)."""
+        from grain.experimental import index_shuffle
+
+        epoch, step = divmod(int(j), self.steps_per_epoch)
+        seed, last = (self.seed + epoch) % 2**32, self.data.num_blocks - 1
+        rows = range(step * self.batch_size, (step + 1) * self.batch_size)
+        return np.fromiter((index_shuffle(i, max_index=last, seed=seed, rounds=4) for i in rows), np.int64,
+                           self.batch_size)
+
+    def batch(self, j: int) -> Batch:
+        """Batch ``j`` (this process's rows, a global array when sharded)."""
+        mask = np.ones(self.batch_size, dtype=np.float32)
+        return _assemble(self.data.blocks, self.indices(j), mask, self.data.block_size, self.sharding)
+
+    def _iter(self):
+        if self._iterator is None:
+            self._iterator = iter(self.dataset.to_iter_dataset(self._read_options))
+            self._iterator.set_state({"next_index": self.position})
+        return self._iterator
 
     def next(self) -> Batch:
-        indices = self.next_indices()
-        mask = np.ones(len(indices), dtype=np.float32)
-        return _assemble(self.data.blocks, indices, mask, self.data.block_size, self.sharding)
+        batch = next(self._iter())
+        self.position += 1
+        return batch
 
     __next__ = next
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
-    def state(self) -> dict[str, int]:
+    def state(self) -> dict[str, Any]:
+        iterator = self._iterator.get_state() if self._iterator is not None else {"next_index": self.position}
         return {
             "epoch": int(self.epoch),
             "step": int(self.step),
             "seed": int(self.seed),
             "num_blocks": int(self.data.num_blocks),
             "batch_size": int(self.batch_size),
+            "iterator": {k: int(v) for k, v in iterator.items()},
         }
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -184,8 +213,10 @@ class BatchLoader:
                     f"cannot resume the data loader: checkpointed {key}={int(state[key])} but the current data has "
                     f"{key}={self.state()[key]} (the data, tokenizer or config changed since the checkpoint)"
                 )
-        self.epoch = int(state["epoch"])
-        self.step = int(state["step"])
+        self.position = int(state["epoch"]) * self.steps_per_epoch + int(state["step"])
+        self._iterator = None
+        if "iterator" in state:
+            self._iter().set_state(dict(state["iterator"]))
 
 
 def eval_batches(

@@ -12,6 +12,11 @@ sliding-window attention with `window: 128`. Scores and softmax are computed in 
 `window` counts keys including the current one: query t sees keys t-window+1 .. t (flash-attn's
 `window_size=(window - 1, 0)`).
 
+Without attention dropout the softmax attention is `jax.nn.dot_product_attention` (the full-sequence
+forward passes ``is_causal`` and ``local_window_size=(window - 1, 0)`` instead of a mask array): cuDNN's
+fused flash attention on GPU for bf16/fp16 activations (`sdpa_implementation`), XLA elsewhere. With
+dropout on the probabilities it is written out (scores, mask, softmax, dropout, weighted sum).
+
 For KV-cache decoding the forward pass is split into reusable pieces:
 `project_qkv(x, positions)` (RoPE at absolute positions), `attention_mask(q_pos, k_pos)` (from absolute
 positions; negative key positions mark empty cache slots), `attend(q, k, v, mask)` and `output(o)`.
@@ -76,6 +81,17 @@ def apply_rope(x, positions, base: float = 10000.0):
     return out.astype(x.dtype)
 
 
+def sdpa_implementation(dtype, head_dim: int, backend: str | None = None) -> str | None:
+    """`jax.nn.dot_product_attention`'s ``implementation`` for activations of ``dtype``: "cudnn" on GPU
+    for bf16/fp16 with a head_dim cuDNN's flash kernel takes (a multiple of 8, at most 128); None (XLA)
+    otherwise."""
+    backend = backend or jax.default_backend()
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if backend == "gpu" and half and head_dim % 8 == 0 and head_dim <= 128:
+        return "cudnn"
+    return None
+
+
 def causal_window_mask(q_positions, k_positions, window: int | None = None):
     """Boolean mask (..., Lq, Lk): key s is visible to query t iff 0 <= pos_s <= pos_t and pos_t - pos_s < window.
 
@@ -132,15 +148,17 @@ class Attention(nnx.Module):
         """Softmax attention. q (B, Lq, H, D), k/v (B, Lk, H, D); mask boolean, broadcastable to
         (B, H, Lq, Lk) — shapes (Lq, Lk) and (B, Lq, Lk) are accepted too (True = visible).
         Returns (B, Lq, H, D) in v's dtype. Scores and softmax in fp32."""
+        mask = jnp.asarray(mask)
+        if mask.ndim == 2:  # (Lq, Lk) -> (1, 1, Lq, Lk)
+            mask = mask[None, None]
+        elif mask.ndim == 3:  # (B, Lq, Lk) -> (B, 1, Lq, Lk)
+            mask = mask[:, None]
+        if self.attn_dropout is None:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask).astype(v.dtype)
         scale = 1.0 / math.sqrt(q.shape[-1])
         scores = jnp.einsum("bthd,bshd->bhts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-        mask = jnp.asarray(mask)
-        if mask.ndim == 3:  # (B, Lq, Lk) -> (B, 1, Lq, Lk)
-            mask = mask[:, None]
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        if self.attn_dropout is not None:
-            probs = self.attn_dropout(probs)
+        probs = self.attn_dropout(jax.nn.softmax(scores, axis=-1))
         return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
 
     def output(self, o):
@@ -154,5 +172,9 @@ class Attention(nnx.Module):
         check_seqlen(seqlen, self.max_len, "attention")
         positions = jnp.arange(seqlen)
         q, k, v = self.project_qkv(x, positions)
-        o = self.attend(q, k, v, self.attention_mask(positions, positions))
+        if self.attn_dropout is not None:
+            return self.output(self.attend(q, k, v, self.attention_mask(positions, positions)))
+        window = None if self.cfg.window is None else (self.cfg.window - 1, 0)
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=window,
+                                         implementation=sdpa_implementation(q.dtype, self.head_dim))
         return self.output(o)
