@@ -37,6 +37,7 @@ from flax import nnx
 from lm.checkpoint import Checkpointer, CheckpointError, fallback_note, find_checkpoint_dir
 from lm.config import ConfigError, save_config, to_dict
 from lm.data.config import DataConfig, DataError
+from lm.host_memory import keep_freed_memory
 from lm.model import LM
 from lm.optim import lr_schedule, make_optimizer, model_label_map
 from lm.run_config import TrainConfig, TrainerConfig, load_train_config  # noqa: F401 (public names of lm.train)
@@ -656,6 +657,7 @@ def main(args: argparse.Namespace) -> int:
         config_path = run_dir / "config.yaml"
     if run_dir is None:
         run_dir = pathlib.Path("runs") / pathlib.Path(config_path).stem
+    keep_freed_memory()
     try:
         cfg = load_train_config(config_path, args.overrides)
         result = train(cfg, run_dir, max_steps=args.stop_at)

@@ -6,7 +6,9 @@ attention, d_model 64, 2 layers, L 64, 4 pairs, V 8192, batch 512, learned posit
 after one compiling call, with wall, user and system CPU time and minor page faults per call:
 
 - ``train step``: the runner's jitted step (`lm.mqar.runner.init_group`), for each ``--members`` count
-  (learning rates trained together in one vmapped step; the epoch column is per member);
+  (learning rates trained together in one step; the epoch column is per member) and each
+  ``--member-loops`` setting (``vmap``: one batched computation; ``map``: the members one after another
+  inside the step);
 - ``body fwd+bwd``: embeddings and the two blocks up to the gathered hidden states, no head;
 - ``head+loss fwd+bwd``: the tied vocabulary head and cross-entropy on the 4 labelled positions per row;
 - the rest of a 1-member step (AdamW update, batch gather) is its time minus these two;
@@ -21,7 +23,7 @@ epoch, against Zoology's own PyTorch code at about 50 s; the target is at most 2
     python scripts/bench_mqar_step.py --full-epoch                 # on a quiet machine
     python scripts/bench_mqar_step.py --steps 3 --members 1 --rows 2048 --out /tmp/speed   # smoke test
     python scripts/bench_mqar_step.py --glibc-malloc ...           # without `keep_freed_memory` (to compare)
-    python scripts/bench_mqar_step.py --trace /tmp/mqar_trace      # also a jax.profiler trace of 5 steps
+    python scripts/bench_mqar_step.py --profile-loops vmap map      # per-op profile of 5 steps of each (lm.profile)
 """
 
 from __future__ import annotations
@@ -71,11 +73,14 @@ def timed(name: str, fn, steps: int, per_epoch: int | None = None, members: int 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20, help="timed calls per piece")
-    ap.add_argument("--members", type=int, nargs="+", default=[1, 4], help="learning rates per vmapped step")
+    ap.add_argument("--members", type=int, nargs="+", default=[1, 4], help="learning rates per step")
+    ap.add_argument("--member-loops", nargs="+", default=["vmap", "map"], choices=["vmap", "map"],
+                    help="how the step runs its members (train.member_loop)")
     ap.add_argument("--rows", type=int, default=100_000, help="training rows (the paper: 100k, 195 steps/epoch)")
     ap.add_argument("--full-epoch", action="store_true", help="also train one real epoch through train_group")
     ap.add_argument("--glibc-malloc", action="store_true", help="keep glibc's malloc defaults (no keep_freed_memory)")
-    ap.add_argument("--trace", default=None, help="write a jax.profiler trace of 5 training steps here")
+    ap.add_argument("--profile-loops", nargs="*", default=["vmap", "map"],
+                    help="member loops whose 1-member step is profiled per XLA op (5 steps each)")
     ap.add_argument("--out", default=str(REPO / "results" / "mqar" / "speed_cpu"), help="output path without suffix")
     args = ap.parse_args()
 
@@ -91,6 +96,7 @@ def main() -> int:
     import lm.mixers  # noqa: F401
     from kernels.fftconv.bench import machine_info
     from lm.model import LM
+    from lm.profile import ops_table, profile_ops
 
     load_before = os.getloadavg()
     cfg = runner.load_mqar_config(REPO / "configs" / "mqar" / "zoology.yaml",
@@ -105,9 +111,11 @@ def main() -> int:
     data = tuple(jnp.asarray(a) for a in (train.inputs, train.positions, train.targets))
     rng = np.random.default_rng(0)
     rows: list[dict] = []
+    profiles: dict[str, list[dict]] = {}
 
-    for m in args.members:
+    for m, loop in [(m, loop) for m in args.members for loop in args.member_loops]:
         runs = [runner.Run(base.mixer, base.point, base.d_model, base.lr * (1 + i), base.seed) for i in range(m)]
+        cfg.train.member_loop = loop
         train_step, eval_step, state, n_params = runner.init_group(cfg, runs, spe * cfg.train.max_epochs)
         lrs = jnp.asarray([r.lr for r in runs], jnp.float32)
         holder = {"state": state}
@@ -118,20 +126,18 @@ def main() -> int:
             holder["state"] = tuple(new)
             return loss
 
-        rows.append(timed("train step", step, args.steps, spe, m))
+        rows.append(timed(f"train step ({loop})", step, args.steps, spe, m))
         print(rows[-1], flush=True)
-        if m == args.members[0]:
+        if m == args.members[0] and loop == args.member_loops[-1]:
             batches = runner.eval_batches(test, cfg.train.eval_batch_size)
             rows.append(timed("evaluation (3k rows)", lambda: runner.evaluate(
                 eval_step, holder["state"][0], holder["state"][2], batches, test.inputs.shape[0]), max(1, args.steps // 5),
                 members=m))
             print(rows[-1], flush=True)
-            if args.trace:
-                jax.profiler.start_trace(args.trace)
-                for _ in range(5):
-                    loss = step()
-                jax.block_until_ready(loss)
-                jax.profiler.stop_trace()
+        if m == 1 and loop in args.profile_loops:
+            idx0 = np.arange(bs)
+            hlo = train_step.lower(*holder["state"], lrs, data, idx0).compile().as_text()
+            profiles[loop] = profile_ops(lambda: jax.block_until_ready(step()), 5, hlo)
 
     # pieces of one member's step
     mcfg = runner.model_config_for(cfg, base)
@@ -167,7 +173,8 @@ def main() -> int:
               "machine": info, "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "malloc": malloc, "data_generation_s": round(gen_s, 2), "steps_per_epoch": spe, "params": n_params,
               "before_s_per_epoch": BEFORE_S_PER_EPOCH, "zoology_s_per_epoch": ZOOLOGY_S_PER_EPOCH,
-              "target_s_per_epoch": TARGET_S_PER_EPOCH, "pieces": rows, "full_epoch": epoch,
+              "target_s_per_epoch": TARGET_S_PER_EPOCH, "pieces": rows,
+              "profiles": {k: v[:40] for k, v in profiles.items()}, "full_epoch": epoch,
               "command": " ".join(sys.argv)}
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -184,9 +191,14 @@ def main() -> int:
         lines.append(f"| {r['piece']} | {r['members']} | {r['wall_ms']:.1f} | {r['user_ms']:.1f} | {r['sys_ms']:.1f} | "
                      f"{r['minor_faults']:,} | {'' if ep is None else f'{ep:.1f}'} |")
     by_piece = {(r["piece"], r["members"]): r["wall_ms"] for r in rows}
-    if ("train step", 1) in by_piece:
-        rest_ms = by_piece[("train step", 1)] - by_piece[("body fwd+bwd (no head)", 1)] - by_piece[("head+loss fwd+bwd", 1)]
-        lines += ["", f"Rest of the 1-member step (optimizer, batch gather): {rest_ms:.1f} ms."]
+    for loop in args.member_loops:
+        if (f"train step ({loop})", 1) in by_piece:
+            rest_ms = (by_piece[(f"train step ({loop})", 1)] - by_piece[("body fwd+bwd (no head)", 1)]
+                       - by_piece[("head+loss fwd+bwd", 1)])
+            lines.append(f"\nRest of the 1-member {loop} step (optimizer, batch gather, member axis): {rest_ms:.1f} ms.")
+    for loop, prof in profiles.items():
+        lines += ["", f"Profile of the 1-member `{loop}` step (5 steps, `lm.profile`; op times summed over threads):", ""]
+        lines += ops_table(prof, steps=5, top=15)
     if epoch:
         lines += ["", f"One real epoch through `train_group` (host loop, compilation and evaluation included): "
                       f"{epoch['wall_s']} s wall ({epoch['startup_s']} s start-up), {epoch['cpu_s']} s CPU."]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 
+import numpy as np
 import optax
 import pytest
 from flax import nnx
@@ -55,10 +56,20 @@ def _solo_test_metrics(model, x, pos, y):
     return (jnp.argmax(logits, -1) == y).mean(), optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
+_SOLO_HISTORIES: dict = {}  # (run key, eval steps) -> history: both member loops compare with the same runs
+
+
 def _solo_history(cfg, run, train, test, eval_steps):
     """One run trained alone, written independently of the runner: plain NNX model and optax AdamW with the
     run's own learning rate, full-sequence logits (no gather before the head), the runner's batch order.
-    Returns {step: (train_loss, test_acc, test_loss)} at ``eval_steps``."""
+    Returns {step: (train_loss, test_acc, test_loss)} at ``eval_steps`` (cached per run and steps)."""
+    key = (run.key, tuple(eval_steps))
+    if key not in _SOLO_HISTORIES:
+        _SOLO_HISTORIES[key] = _train_alone(cfg, run, train, test, eval_steps)
+    return _SOLO_HISTORIES[key]
+
+
+def _train_alone(cfg, run, train, test, eval_steps):
     import jax
     import jax.numpy as jnp
 
@@ -93,10 +104,12 @@ def _solo_history(cfg, run, train, test, eval_steps):
     return out
 
 
-def test_vmapped_group_equals_runs_trained_alone(tmp_path):
-    """Four members (2 lrs x 2 seeds) in one vmapped step follow the trajectories of the same runs trained
-    alone, for 200 steps; members that early-stop leave the stacked step and the others go on unchanged."""
-    cfg = _cfg(tmp_path, early_stop_acc=0.40)
+@pytest.mark.parametrize("member_loop", ["vmap", "map"])
+def test_vmapped_group_equals_runs_trained_alone(tmp_path, member_loop):
+    """Four members (2 lrs x 2 seeds) in one step (vmapped, or mapped one after another) follow the
+    trajectories of the same runs trained alone, for 200 steps; members that early-stop leave the stacked
+    step and the others go on unchanged."""
+    cfg = _cfg(tmp_path, early_stop_acc=0.40, member_loop=member_loop)
     runs = runner.expand_grid(cfg)
     train = runner.make_split(cfg, runs[0].point, True)
     test = runner.make_split(cfg, runs[0].point, False)
@@ -296,7 +309,7 @@ def test_keep_freed_memory_keeps_freed_buffers_resident():
     code = """
 import resource, sys
 import numpy as np
-from lm.mqar.runner import keep_freed_memory
+from lm.host_memory import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 faults = []
@@ -312,3 +325,21 @@ print(sum(faults[1:]))  # the first allocation faults in either case
                                        check=True).stdout.split()[-1]) for mode in ("default", "keep")}
     # default: >= 32 faults per allocation (16k with 4 kB pages, 32 with 2 MB huge pages); kept: ~none
     assert faults["default"] >= 4 * 32 and faults["keep"] * 10 < faults["default"], faults
+
+
+@pytest.mark.parametrize("setting, expected", [("auto", "map"), ("map", "map"), ("vmap", "vmap")])
+def test_member_loop_setting_picks_the_step_structure(tmp_path, setting, expected):
+    """``train.member_loop`` decides how a step runs its members: ``map`` is a loop (a scan over the stacked
+    state) in the step's program, ``vmap`` batches them (no loop); ``auto`` is ``map`` on CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    cfg = _cfg(tmp_path, member_loop=setting)
+    runs = runner.expand_grid(cfg)
+    assert runner.member_loop_for(setting) == expected
+    train = runner.make_split(cfg, runs[0].point, True)
+    train_step, _, state, _ = runner.init_group(cfg, runs, 10)
+    data = tuple(jnp.asarray(a) for a in (train.inputs, train.positions, train.targets))
+    lrs = jnp.asarray([r.lr for r in runs], jnp.float32)
+    jaxpr = str(jax.make_jaxpr(train_step)(*state, lrs, data, np.arange(runs[0].point.batch_size)))
+    assert ("scan[" in jaxpr) == (expected == "map")

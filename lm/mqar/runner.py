@@ -10,8 +10,9 @@ accuracy exceeds ``train.early_stop_acc``. Accuracy is Zoology's: per row, the f
 positions whose argmax prediction is the right value, averaged over rows.
 
 Many runs per step: the learning rates and seeds of one (L, P), mixer and d_model form a group, trained
-by one jitted step over their stacked (vmapped) parameters and optimizer states on one shared batch
-(the batch order depends on ``data.train_seed`` only). Each member stops early on its own and then leaves
+by one jitted step over their stacked parameters and optimizer states on one shared batch (the batch order
+depends on ``data.train_seed`` only); ``train.member_loop`` vmaps the members on accelerators and runs them
+one after another inside the step on CPU, where that is faster. Each member stops early on its own and then leaves
 the stacked step; the best learning rate is picked in the report.
 
 Speed: the loss only needs the P labelled positions per row, so the hidden states are gathered at those
@@ -46,6 +47,7 @@ from typing import Any, Literal
 import numpy as np
 
 from lm.config import ConfigError, apply_overrides, from_dict, read_yaml, save_config, to_dict
+from lm.host_memory import keep_freed_memory
 from lm.mqar.generator import MQARError, check_params, multiquery_ar, scored_positions
 from lm.tracking import read_jsonl
 
@@ -145,10 +147,13 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine to 0 over max_epochs, no warmup
     warmup_steps: int = 0
     max_run_seconds: float | None = None  # wall-clock cap per group of runs, checked every step (stop "time_limit")
+    member_loop: Literal["auto", "vmap", "map"] = "auto"  # how one step runs a group's members; see member_loop_for
 
     def validate(self) -> None:
         if self.max_epochs < 1:
             raise ConfigError(f"config key 'train.max_epochs' must be >= 1, got {self.max_epochs}")
+        if self.member_loop not in ("auto", "vmap", "map"):
+            raise ConfigError(f"config key 'train.member_loop' must be auto, vmap or map, got {self.member_loop!r}")
 
 
 @dataclasses.dataclass
@@ -340,7 +345,7 @@ SAVE_RESERVE_S = 2.0  # seconds kept free before a time budget for the checkpoin
 
 def group_runs(runs: list[Run]) -> list[list[Run]]:
     """Consecutive runs sharing (L, P), mixer and d_model (see `expand_grid`): each list is trained in one
-    vmapped step (its members differ only in learning rate and seed)."""
+    step (its members differ only in learning rate and seed)."""
     groups: list[list[Run]] = []
     for r in runs:
         if groups and groups[-1][0].group_key == r.group_key:
@@ -363,8 +368,23 @@ def epoch_orders(train_seed: int, n_rows: int, reshuffle: bool, first_epoch: int
         epoch += 1
 
 
-def _build_steps(graphdef_train, graphdef_eval, tx):
-    """(train_step, eval_step), jitted and vmapped over the members' stacked state.
+def member_loop_for(setting: str) -> str:
+    """The member loop ``auto`` resolves to: ``map`` on CPU, ``vmap`` on accelerators.
+
+    ``vmap`` batches the members into one wider computation (what fills a GPU); ``map`` (`jax.lax.map`)
+    runs them one after another inside the same jitted step, each as the plain single-run computation.
+    On XLA:CPU the vmapped step is slower per member than a run alone (the member axis turns the tied
+    head's gradient into a strided transpose of the (rows, vocab) logits gradient; results/mqar/speed_cpu.md).
+    """
+    import jax
+
+    if setting != "auto":
+        return setting
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
+def _build_steps(graphdef_train, graphdef_eval, tx, member_loop: str = "vmap"):
+    """(train_step, eval_step), jitted over the members' stacked state (``member_loop``: vmap or map).
 
     ``train_step(params, opt_state, rest, lrs, data, idx)`` gathers the batch rows ``idx`` of the device
     arrays ``data = (inputs, positions, targets)`` once and updates every member on it; ``tx`` is built with
@@ -399,6 +419,8 @@ def _build_steps(graphdef_train, graphdef_eval, tx):
 
     def train_step(params, opt_state, rest, lrs, data, idx):
         x, pos, y = (a[idx] for a in data)
+        if member_loop == "map":
+            return jax.lax.map(lambda member: member_train_step(*member, x, pos, y), (params, opt_state, rest, lrs))
         return jax.vmap(member_train_step, in_axes=(0, 0, 0, 0, None, None, None))(
             params, opt_state, rest, lrs, x, pos, y)
 
@@ -409,7 +431,11 @@ def _build_steps(graphdef_train, graphdef_eval, tx):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(axis=1)
         return (row_acc * w).sum(), (loss * w).sum()
 
-    eval_step = jax.vmap(member_eval_step, in_axes=(0, 0, None, None, None, None))
+    if member_loop == "map":
+        def eval_step(params, rest, x, pos, y, w):
+            return jax.lax.map(lambda member: member_eval_step(*member, x, pos, y, w), (params, rest))
+    else:
+        eval_step = jax.vmap(member_eval_step, in_axes=(0, 0, None, None, None, None))
     return jax.jit(train_step, donate_argnums=(0, 1, 2)), jax.jit(eval_step)
 
 
@@ -535,7 +561,7 @@ def init_group(cfg: MQARConfig, runs: list[Run], total_steps: int):
     tx = make_optimizer(ocfg, total_steps, model_label_map(models[0]))
     params = _stack([s[1] for s in splits])
     rest = _stack([s[2] for s in splits])
-    train_step, eval_step = _build_steps(splits[0][0], graphdef_eval, tx)
+    train_step, eval_step = _build_steps(splits[0][0], graphdef_eval, tx, member_loop_for(tc.member_loop))
     return train_step, eval_step, (params, jax.vmap(tx.init)(params), rest), count_params(models[0])
 
 
@@ -794,7 +820,7 @@ def sweep(cfg: MQARConfig, out_dir: str | pathlib.Path, *, progress: bool = True
     latest = latest_records(cfg, runs, results_path)
     todo = [r for r in runs if not is_finished(latest.get(r.key))]
     _say(f"mqar: {len(runs)} runs in the grid, {len(runs) - len(todo)} finished in {results_path}, "
-         f"{len(todo)} to run in {len(group_runs(todo))} group(s) of runs sharing one vmapped step")
+         f"{len(todo)} to run in {len(group_runs(todo))} group(s) of runs sharing one step")
 
     def record(rec: dict) -> None:
         append_result(results_path, rec)
@@ -840,26 +866,6 @@ def write_report(cfg: MQARConfig, out_dir: pathlib.Path, records: list[dict]) ->
     except Exception as e:  # plotting is optional (matplotlib backend issues must not lose results)
         print(f"mqar: plot failed: {e}", file=sys.stderr)
     return table
-
-
-def keep_freed_memory() -> bool:
-    """On glibc, keep freed host memory in one malloc arena instead of handing it back to the kernel.
-
-    XLA's CPU backend allocates and frees its buffers on every step. With glibc's defaults the large ones
-    are fresh mmaps (and freed heap tops are trimmed), so every step page-faults its buffers in again:
-    ~100k minor faults and about a quarter of the CPU time as system time for the paper's MQAR cell. One
-    arena without mmap or trimming keeps the pages resident. Returns False where this is not glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8  # <malloc.h>
-    settings = ((m_arena_max, 1), (m_mmap_max, 0), (m_trim_threshold, 2**31 - 1))
-    return all(mallopt(option, value) == 1 for option, value in settings)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
