@@ -19,25 +19,41 @@ import os
 import re
 import tempfile
 
-_HLO_LINE = re.compile(r"^\s*%?([\w.\-]+) = (\S+) [^\n]*", re.M)
+_HLO_LINE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) [^\n]*", re.M)
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) \([^\n]*\{\n(.*?)^\}", re.M | re.S)
 _RUNTIME_EVENTS = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjRt", "TfrtCpu")
 
 
 def hlo_ops(compiled_text: str) -> dict[str, tuple[str, str]]:
-    """Map each HLO instruction name of a compiled module's text to (result shape, source op_name)."""
+    """Map each HLO instruction of a compiled module's text to (result shape, source).
+
+    The source is the instruction's ``op_name``; for a fusion (or any op that ``calls`` a computation) the
+    JAX ops inside it follow in brackets, e.g. ``jit(f)/reduce_sum [dot_general+tanh+reduce_sum]``.
+    """
+    inner: dict[str, list[str]] = {}
+    for block in _COMPUTATION.finditer(compiled_text):
+        kinds = [op.rsplit("/", 1)[-1] for op in _OP_NAME.findall(block.group(2))]
+        inner[block.group(1)] = list(dict.fromkeys(kinds))
     out = {}
     for m in _HLO_LINE.finditer(compiled_text):
-        op = _OP_NAME.search(m.group(0))
-        out[m.group(1)] = (m.group(2), op.group(1) if op else "")
+        line = m.group(0)
+        op = _OP_NAME.search(line)
+        source = op.group(1) if op else ""
+        called = _CALLS.search(line)
+        if called and inner.get(called.group(1)):
+            source += " [" + "+".join(inner[called.group(1)]) + "]"
+        out[m.group(1)] = (m.group(2), source)
     return out
 
 
 def profile_ops(fn, steps: int, compiled_text: str = "") -> list[dict]:
     """Call ``fn()`` ``steps`` times under the profiler; per op: total µs, calls, shape and source op.
 
-    ``fn`` must block until its work is done (e.g. end with `jax.block_until_ready`). Rows are sorted by
-    time, largest first.
+    ``fn`` must block until its work is done (e.g. end with `jax.block_until_ready`). With
+    ``compiled_text`` only the ops of that module are kept (runtime events such as dispatch are dropped).
+    Rows are sorted by time, largest first.
     """
     import jax
 
@@ -53,12 +69,13 @@ def profile_ops(fn, steps: int, compiled_text: str = "") -> list[dict]:
             raise RuntimeError(f"jax.profiler wrote no trace under {tmp}")
         with gzip.open(traces[-1]) as f:
             events = json.load(f)["traceEvents"]
+    ops = hlo_ops(compiled_text)
     total, calls = collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("ph") == "X" and not e["name"].startswith(_RUNTIME_EVENTS):
-            total[e["name"]] += e.get("dur", 0)
-            calls[e["name"]] += 1
-    ops = hlo_ops(compiled_text)
+        name = e.get("name", "")
+        if e.get("ph") == "X" and (name in ops if ops else not name.startswith(_RUNTIME_EVENTS)):
+            total[name] += e.get("dur", 0)
+            calls[name] += 1
     return [{"op": name, "us": us, "calls": calls[name], "shape": ops.get(name, ("", ""))[0],
              "source": ops.get(name, ("", ""))[1]} for name, us in total.most_common()]
 
