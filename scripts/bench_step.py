@@ -111,7 +111,12 @@ def main() -> int:
     ap.add_argument("--log-every", type=int, default=25)
     ap.add_argument("--models", default="hyena,attention")
     ap.add_argument("--out", default=str(REPO / "results" / "pretrain" / "speed_cpu"))
+    ap.add_argument("--glibc-malloc", action="store_true",
+                    help="keep glibc's malloc defaults (`longconv train` calls lm.host_memory.keep_freed_memory)")
     args = ap.parse_args()
+    from lm.host_memory import keep_freed_memory
+
+    malloc = "glibc defaults" if args.glibc_malloc else f"keep_freed_memory() = {keep_freed_memory()}"
 
     from bench_pretrain import machine  # scripts/ is on sys.path when run as a script
 
@@ -136,7 +141,7 @@ def main() -> int:
         "command": "python scripts/bench_step.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
-        "load_avg": os.getloadavg(), "batch_size": args.batch_size, "block_size": 64,
+        "load_avg": os.getloadavg(), "batch_size": args.batch_size, "block_size": 64, "malloc": malloc,
         "reference_tokens_per_s": REFERENCE_TOKENS_PER_S,
         "targets": {"attention": REFERENCE_TOKENS_PER_S, "hyena": 0.8 * REFERENCE_TOKENS_PER_S},
     }
@@ -152,7 +157,7 @@ def main() -> int:
         f"{r['loader_batch_ms']:.2f} | {r['step_host_cpu_ms']:.2f} |" for r in rows)
     out.with_suffix(".md").write_text(f"""# CPU training speed: tiny tinyshakespeare models, batch {args.batch_size}, block 64
 
-`{meta['command']}` on {meta['date']}; {meta['machine']}; load average {meta['load_avg'][0]:.1f}.
+`{meta['command']}` on {meta['date']}; {meta['machine']}; load average {meta['load_avg'][0]:.1f}; malloc: {malloc}.
 
 Tokens/s through `Trainer.fit` (loader, jitted step, metrics every {args.log_every} steps; median of
 {args.rounds} x {args.steps // args.log_every} logging intervals, models alternating in one process). "Before": the
