@@ -80,9 +80,10 @@ def profile_ops(fn, steps: int, compiled_text: str = "") -> list[dict]:
              "source": ops.get(name, ("", ""))[1]} for name, us in total.most_common()]
 
 
-def ops_table(rows: list[dict], steps: int, top: int = 20) -> list[str]:
-    """Markdown lines: the ``top`` ops by time per step, with their share of all traced op time."""
-    all_us = sum(r["us"] for r in rows) or 1
+def ops_table(rows: list[dict], steps: int, top: int = 20, total_us: float | None = None) -> list[str]:
+    """Markdown lines: the ``top`` ops by time per step, with their share of all traced op time
+    (``total_us``, default: the sum over ``rows``)."""
+    all_us = total_us or sum(r["us"] for r in rows) or 1
     lines = ["| op | ms/step | share | result shape | from |", "|---|---|---|---|---|"]
     for r in rows[:top]:
         source = r["source"].replace("jit(", "").replace("|", "/")[-80:]
@@ -90,3 +91,17 @@ def ops_table(rows: list[dict], steps: int, top: int = 20) -> list[str]:
                      f"`{r['shape']}` | `{source}` |")
     lines.append(f"| (all traced ops) | {all_us / 1e3 / steps:.1f} | 100 % | | |")
     return lines
+
+
+_KIND_PRIORITY = ("fft", "conv_general_dilated", "dot_general", "scatter-add", "gather", "reduce", "transpose")
+
+
+def time_by_kind(rows: list[dict]) -> dict[str, float]:
+    """Traced µs summed by the main JAX op of each row: the first of fft, conv_general_dilated,
+    dot_general, scatter-add, gather, reduce*, transpose found in its source, else ``elementwise/other``."""
+    out: dict[str, float] = collections.Counter()
+    for r in rows:
+        ops = r["source"]
+        kind = next((k for k in _KIND_PRIORITY if k in ops), "elementwise/other")
+        out[kind] += r["us"]
+    return dict(out.most_common())

@@ -72,6 +72,7 @@ def breakdown(trainer) -> dict[str, float]:
     import jax
     from flax import nnx
 
+    from lm.profile import profile_ops, time_by_kind
     from lm.train import token_losses
 
     batch = trainer.data.next_batch()
@@ -85,7 +86,10 @@ def breakdown(trainer) -> dict[str, float]:
     _, grads = grad(params)
     opt_state = trainer.tx.init(params)
     update = jax.jit(lambda g, s, p: trainer.tx.update(g, s, p))
+    profile = profile_ops(lambda: jax.block_until_ready(grad(params)), 10, grad.lower(params).compile().as_text())
     ms = {
+        "profile_top": profile[:15], "profile_total_us": sum(r["us"] for r in profile) / 10,
+        "profile_by_kind_us": {k: v / 10 for k, v in time_by_kind(profile).items()},
         "forward_backward_ms": seconds(lambda: grad(params))[0] * 1e3,
         "optimizer_update_ms": seconds(lambda: update(grads, opt_state, params))[0] * 1e3,
         "loader_batch_ms": seconds(trainer.data.next_batch)[0] * 1e3,
@@ -119,6 +123,8 @@ def main() -> int:
     malloc = "glibc defaults" if args.glibc_malloc else f"keep_freed_memory() = {keep_freed_memory()}"
 
     from bench_pretrain import machine  # scripts/ is on sys.path when run as a script
+
+    from lm.profile import ops_table
 
     names = args.models.split(",")
     total = args.steps * args.rounds + args.log_every
@@ -155,6 +161,14 @@ def main() -> int:
     pieces = "\n".join(
         f"| {r['model']} | {r['step_ms']:.1f} | {r['forward_backward_ms']:.1f} | {r['optimizer_update_ms']:.1f} | "
         f"{r['loader_batch_ms']:.2f} | {r['step_host_cpu_ms']:.2f} |" for r in rows)
+    profiles = ""
+    for r in rows:
+        kinds = r["profile_by_kind_us"]
+        total = sum(kinds.values()) or 1.0
+        profiles += (f"\n`{r['model']}` forward+backward, traced op time by main JAX op (ms/step, summed over "
+                     "threads): " + ", ".join(f"{k} {v / 1e3:.1f} ({100 * v / total:.0f} %)" for k, v in kinds.items())
+                     + "\n\n" + "\n".join(ops_table(r["profile_top"], steps=10, top=10,
+                                                      total_us=10 * r["profile_total_us"])) + "\n")
     out.with_suffix(".md").write_text(f"""# CPU training speed: tiny tinyshakespeare models, batch {args.batch_size}, block 64
 
 `{meta['command']}` on {meta['date']}; {meta['machine']}; load average {meta['load_avg'][0]:.1f}; malloc: {malloc}.
@@ -173,7 +187,9 @@ Where a step goes (ms, each piece timed alone; host CPU = main-thread CPU time p
 | model | train step | forward+backward | optimizer update | loader batch | host CPU per step |
 |---|---|---|---|---|---|
 {pieces}
-""")
+
+## Profile (`lm.profile`, 10 calls of the jitted forward+backward)
+{profiles}""")
     print(out.with_suffix(".md").read_text())
     return 0
 

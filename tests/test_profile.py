@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from lm.profile import ops_table, profile_ops
+from lm.profile import ops_table, profile_ops, time_by_kind
 
 
 def test_profile_names_the_ops_of_a_jitted_function():
@@ -20,3 +20,9 @@ def test_profile_names_the_ops_of_a_jitted_function():
     assert "tanh" in dots[0]["source"] and "reduce_sum" in dots[0]["source"]
     lines = ops_table(rows, steps=3, top=2)
     assert len(lines) == 2 + min(2, len(rows)) + 1 and lines[-1].startswith("| (all traced ops)")
+
+
+def test_time_by_kind_attributes_each_op_to_its_main_primitive():
+    rows = [{"op": "a", "us": 5.0, "source": "f/add [fft+mul]"}, {"op": "b", "us": 2.0, "source": "f/mul [dot_general]"},
+            {"op": "c", "us": 1.0, "source": "f/tanh [tanh]"}, {"op": "d", "us": 3.0, "source": "f/dot_general"}]
+    assert time_by_kind(rows) == {"dot_general": 5.0, "fft": 5.0, "elementwise/other": 1.0}
