@@ -6,16 +6,21 @@ For each model (configs/lm/hyena_153m_pile.yaml, configs/lm/attention_153m_pile.
 the real train step (`lm.train.make_train_step`, one jit with the state donated) and times ``--steps``
 steps on random tokens after ``--warmup`` steps. MFU = `lm.flops.train_step_flops` / step time / measured
 peak; peak memory = ``device.memory_stats()["peak_bytes_in_use"]``, per row because every row runs in its
-own process. A row that runs out of memory is recorded as such. Writes ``bench_lm_gpu.jsonl`` (one row
-per model x length, plus the machine) and ``bench_lm_gpu.md`` (a table) under ``--out``.
+own process. A row that runs out of memory is recorded as such. ``--fftconv-impls`` repeats the Hyena
+rows per convolution implementation (`kernels.fftconv.auto_impl`: every mixer's ``fftconv`` runs on it),
+e.g. issue 9's model-level table: Hyena on xla / xla-matmul / pallas against attention at 4K-64K. Writes
+``bench_lm_gpu.jsonl`` (one row per model x length x impl, plus the machine) and ``bench_lm_gpu.md``
+(a table) under ``--out``.
 
     python scripts/bench_lm_gpu.py --out results/lm_gpu        # one GPU (H100/H200): ~3-5 minutes
     python scripts/bench_lm_gpu.py --tiny --out /tmp/bench     # CPU smoke test: tiny models, seconds
+    python scripts/bench_lm_gpu.py --seqlens 4096,16384,65536 --fftconv-impls xla,pallas --out results/lm_step
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import subprocess
@@ -60,14 +65,15 @@ def model_config(name: str, seqlen: int, tiny: bool):
     return cfg
 
 
-def bench_row(name: str, seqlen: int, batch: int, steps: int, warmup: int, matmul_size: int, tiny: bool) -> dict:
-    """One model x length in this process: see the module docstring."""
+def bench_row(name: str, seqlen: int, batch: int, steps: int, warmup: int, matmul_size: int, tiny: bool,
+              impl: str = "auto") -> dict:
+    """One model x length (x fftconv ``impl`` for Hyena) in this process: see the module docstring."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
 
-    from kernels.fftconv.api import default_impl
+    from kernels.fftconv.api import auto_impl, default_impl
     from lm.flops import forward_flops, train_step_flops
     from lm.model import LM
     from lm.optim import lr_schedule, make_optimizer, model_label_map
@@ -77,7 +83,8 @@ def bench_row(name: str, seqlen: int, batch: int, steps: int, warmup: int, matmu
     device = jax.devices()[0]
     row = {"model": name, "config": MODELS[name], "seqlen": seqlen, "batch": batch, "tokens_per_step": batch * seqlen,
            "device": device.device_kind, "backend": jax.default_backend(),
-           "fftconv_impl": default_impl(seqlen, jax.default_backend(), seqlen) if name == "hyena" else None}
+           "fftconv_impl": None if name != "hyena" else (
+               impl if impl != "auto" else default_impl(seqlen, jax.default_backend(), seqlen, jnp.bfloat16))}
     row["peak_bf16_flops"] = measure_bf16_peak(matmul_size)
 
     def build():
@@ -97,7 +104,8 @@ def bench_row(name: str, seqlen: int, batch: int, steps: int, warmup: int, matmu
                for _ in range(2)]
     t0 = time.perf_counter()
     try:
-        compiled = step.lower(state, batches[0]).compile()
+        with auto_impl(impl) if impl != "auto" else contextlib.nullcontext():  # traced here
+            compiled = step.lower(state, batches[0]).compile()
         row["compile_s"] = time.perf_counter() - t0
         for i in range(warmup):
             state, metrics = compiled(state, batches[i % 2])
@@ -127,15 +135,16 @@ def markdown(rows: list[dict], machine: str) -> str:
     lines = [f"# Train-step speed, 153M Hyena vs attention ({machine})", "",
              "Written by `scripts/bench_lm_gpu.py`; MFU = model FLOPs (`lm.flops`, PaLM convention) / step time / "
              "the bf16 matmul peak measured in the same process.", "",
-             "| model | context | batch | tokens/s | step (ms) | model TFLOP/s | MFU | peak memory (GiB) | "
+             "| model | fftconv | context | batch | tokens/s | step (ms) | model TFLOP/s | MFU | peak memory (GiB) | "
              "measured bf16 peak (TFLOP/s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        conv = r.get("fftconv_impl") or ""
         if "error" in r:
-            lines.append(f"| {r['model']} | {r['seqlen']} | {r['batch']} | {r['error'][:60]} | | | | | |")
+            lines.append(f"| {r['model']} | {conv} | {r['seqlen']} | {r['batch']} | {r['error'][:60]} | | | | | |")
             continue
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
-        lines.append(f"| {r['model']} | {r['seqlen']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
+        lines.append(f"| {r['model']} | {conv} | {r['seqlen']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
                      f"{1e3 * r['step_s']:.1f} | {r['model_tflops_per_s']:.1f} | {100 * r['mfu']:.1f}% | {mem} | "
                      f"{r['peak_bf16_flops'] / 1e12:.0f} |")
     return "\n".join(lines) + "\n"
@@ -152,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default 10; --tiny 2)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--matmul-size", type=int, default=None, help="peak matmul size (default 8192; --tiny 256)")
+    parser.add_argument("--fftconv-impls", default="auto",
+                        help="comma-separated fftconv impls for the Hyena rows (auto, xla, xla-matmul, pallas)")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = parser.parse_args(argv)
     seqlens = [int(s) for s in (args.seqlens or ("64,128" if args.tiny else "2048,8192")).split(",")]
@@ -160,27 +171,29 @@ def main(argv: list[str] | None = None) -> int:
     matmul_size = args.matmul_size or (256 if args.tiny else 8192)
 
     if args.row:
-        name, seqlen = args.row.split(":")
+        name, seqlen, impl = args.row.split(":")
         print(json.dumps(bench_row(name, int(seqlen), max(1, tokens // int(seqlen)), steps, args.warmup,
-                                   matmul_size, args.tiny)))
+                                   matmul_size, args.tiny, impl)))
         return 0
 
     from kernels.fftconv.bench import machine_info
 
     rows = []
-    for name in args.models.split(","):
-        for seqlen in seqlens:
-            if args.tiny:  # in-process: fast; peak memory is not per row (CPU reports none anyway)
-                row = bench_row(name, seqlen, max(1, tokens // seqlen), steps, args.warmup, matmul_size, True)
-            else:  # own process: a fresh allocator, so peak_bytes_in_use is this row's
-                cmd = [sys.executable, __file__, "--row", f"{name}:{seqlen}", "--tokens-per-step", str(tokens),
-                       "--steps", str(steps), "--warmup", str(args.warmup), "--matmul-size", str(matmul_size)]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise SystemExit(f"row {name}:{seqlen} failed:\n{proc.stderr[-3000:]}")
-                row = json.loads(proc.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "forward_flops_by_part"}), flush=True)
+    impls = args.fftconv_impls.split(",")
+    specs = [(name, seqlen, impl) for name in args.models.split(",") for seqlen in seqlens
+             for impl in (impls if name == "hyena" else ["auto"])]
+    for name, seqlen, impl in specs:
+        if args.tiny:  # in-process: fast; peak memory is not per row (CPU reports none anyway)
+            row = bench_row(name, seqlen, max(1, tokens // seqlen), steps, args.warmup, matmul_size, True, impl)
+        else:  # own process: a fresh allocator, so peak_bytes_in_use is this row's
+            cmd = [sys.executable, __file__, "--row", f"{name}:{seqlen}:{impl}", "--tokens-per-step", str(tokens),
+                   "--steps", str(steps), "--warmup", str(args.warmup), "--matmul-size", str(matmul_size)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"row {name}:{seqlen}:{impl} failed:\n{proc.stderr[-3000:]}")
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "forward_flops_by_part"}), flush=True)
     info = machine_info()
     machine = f"{info['device_kind']} ({info['backend']}), jax {info['jax']}, {info['time']}"
     out = pathlib.Path(args.out)

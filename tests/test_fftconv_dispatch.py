@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from kernels.fftconv import fftconv, monarch
+from kernels.fftconv import FFTConvError, fftconv, monarch
 from kernels.fftconv.conv import chunk_size
 from kernels.fftconv.reference import direct_causal_conv_np
 
@@ -69,3 +69,32 @@ def test_partial_filter_runs_block_toeplitz_on_the_public_op(impl):
     assert dft_sizes(eqns) == set(monarch.plan_factors(2 * c)) == {16}
     y = fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl=impl)
     assert rel_l2(y, direct_causal_conv_np(u, k, bias, pre, post)) < FP32_TOL
+
+
+def test_auto_impl_scope_sets_what_auto_runs_in_a_model():
+    """Inside `auto_impl("pallas")` a Hyena mixer (which calls fftconv with impl="auto") traces a
+    `pallas_call`; outside it, auto is jnp.fft on CPU; the scope nests and an unknown impl is an error."""
+    from flax import nnx
+
+    from kernels.fftconv import auto_impl
+    from lm.config import from_dict
+    from lm.model import LM, ModelConfig
+
+    model = LM(from_dict(ModelConfig, {"vocab_size": 11, "d_model": 8, "n_layers": 1, "max_len": 32,
+                                       "mixer": {"name": "hyena"}}), rngs=nnx.Rngs(0))
+    tokens = jnp.zeros((1, 32), jnp.int32)
+
+    def primitives():
+        graphdef, state = nnx.split(model)
+        return str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state))
+
+    assert "pallas_call" not in primitives() and "fft[" in primitives()
+    with auto_impl("pallas"):
+        assert "pallas_call" in primitives()
+        with auto_impl("xla"):
+            assert "pallas_call" not in primitives()
+        assert "pallas_call" in primitives()
+    assert "pallas_call" not in primitives()
+    with pytest.raises(FFTConvError, match="unknown impl 'cuda'"):
+        with auto_impl("cuda"):
+            pass

@@ -28,6 +28,7 @@ y = Re IFFT(FFT(x) FFT(k) M) with M = monarch.expand_freq_mask(freq_mask, N), N 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from typing import Callable
@@ -160,6 +161,26 @@ def raise_if_non_finite(u, k, bias=None, pre_gate=None, post_gate=None) -> None:
         _raise_on_false(names, finite)
 
 
+_AUTO_OVERRIDE: list[str] = []  # innermost `auto_impl` scope last
+
+
+@contextlib.contextmanager
+def auto_impl(impl: str):
+    """Within this scope (at trace time), ``impl="auto"`` means ``impl``: run a whole model, whose mixers
+    call `fftconv` with the default, on one implementation (e.g. to time an LM step per implementation)::
+
+        with auto_impl("pallas"):
+            loss = jax.jit(loss_fn)(params)   # traced here: every mixer's fftconv is the Pallas kernel
+    """
+    if impl not in IMPLEMENTATIONS:
+        raise FFTConvError(f"auto_impl: unknown impl {impl!r}; choose one of {sorted(IMPLEMENTATIONS)}")
+    _AUTO_OVERRIDE.append(impl)
+    try:
+        yield
+    finally:
+        _AUTO_OVERRIDE.pop()
+
+
 def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = None, dtype=None,
                  device_kind: str | None = None) -> str:
     """The implementation `impl="auto"` picks for this backend, device, length and input dtype.
@@ -195,7 +216,8 @@ def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, i
     if check_finite:
         raise_if_non_finite(u, k, bias, pre_gate, post_gate)
     if impl == "auto":
-        impl = default_impl(u.shape[1], jax.default_backend(), k.shape[0], u.dtype)
+        impl = _AUTO_OVERRIDE[-1] if _AUTO_OVERRIDE else default_impl(u.shape[1], jax.default_backend(),
+                                                                      k.shape[0], u.dtype)
     if impl not in IMPLEMENTATIONS:
         raise FFTConvError(f"fftconv: unknown impl {impl!r}; choose 'auto' or one of {sorted(IMPLEMENTATIONS)}")
     return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, precision=precision)
