@@ -37,12 +37,14 @@ def test_hankel_svd_matches_numpy_svd():
 
 def test_fit_filters_by_order_equals_separate_fits():
     h = decaying_bank(np.random.default_rng(1))
-    shared = fit_filters_by_order(h, [2, 5])
-    for d in (2, 5):
-        params, reports = fit_filters(h, d)
-        for a, b in zip(shared[d][0], params):
+    shared = fit_filters_by_order(h, [2, 5], refine_steps=[0, 20])
+    assert set(shared) == {(2, 0), (2, 20), (5, 0), (5, 20)}
+    for (d, steps), (params_shared, reports_shared) in shared.items():
+        params, reports = fit_filters(h, d, refine_steps=steps)
+        for a, b in zip(params_shared, params):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-        for r_shared, r in zip(shared[d][1], reports):
+        for r_shared, r in zip(reports_shared, reports):
+            assert r_shared.refined == r.refined
             assert r_shared.rel_error == pytest.approx(r.rel_error, rel=1e-9)
             # mse: mean over the taps of (h − ĥ)² in filter units, i.e. rel_error² · mean(h²)
             assert r.mse == pytest.approx(r.rel_error**2 * np.mean(h[:, r.channel] ** 2), rel=1e-6)

@@ -78,7 +78,8 @@ def run_target_delta(args: argparse.Namespace, src: pathlib.Path, cfg, lm, token
     if not cands or cands[0] < 1:
         raise DistillError(f"--orders must hold positive orders <= --max-order {args.max_order}; got {args.orders}")
     evaluator = HeldOutEvaluator(lm, validation_batches(cfg, tokenizer, args.max_batches))
-    fits = distill_model_by_order(lm, cands, refine_steps=args.refine_steps, lr=args.lr)
+    fits = {d: fit for (d, _), fit in distill_model_by_order(lm, cands, refine_steps=(args.refine_steps,),
+                                                             lr=args.lr).items()}
     layers = sorted(fits[cands[0]][0])
     results: dict[tuple, dict] = {}
 

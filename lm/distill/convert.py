@@ -78,19 +78,19 @@ def distill_model(lm, order: int | None = 16, *, target: float | None = None, ha
     return modal, reports
 
 
-def distill_model_by_order(lm, orders, *, refine_steps: int = 0, lr: float = 1e-2, progress=None,
-                           ) -> dict[int, tuple[dict[int, dict[str, ModalParams]], dict[int, dict[str, list[FilterReport]]]]]:
-    """`distill_model(lm, d)` for every order d in ``orders``: {d: (modal, reports)}, sharing each
-    filter's Hankel decomposition across the orders (`fit_filters_by_order`)."""
-    banks = long_filter_banks(lm)
-    out = {int(d): ({}, {}) for d in orders}
-    for i, layer in banks.items():
+def distill_model_by_order(lm, orders, *, refine_steps=(0,), lr: float = 1e-2, progress=None,
+                           ) -> dict[tuple[int, int], tuple[dict[int, dict[str, ModalParams]], dict[int, dict[str, list[FilterReport]]]]]:
+    """`distill_model(lm, d, refine_steps=r)` for every order d in ``orders`` and r in ``refine_steps``:
+    {(d, r): (modal, reports)}, sharing each filter's Hankel decomposition (`fit_filters_by_order`)."""
+    out: dict = {}
+    for i, layer in long_filter_banks(lm).items():
         for name, h in layer.items():
-            for d, (params, reps) in fit_filters_by_order(h, orders, refine_steps=refine_steps, lr=lr).items():
-                out[d][0].setdefault(i, {})[name] = params
-                out[d][1].setdefault(i, {})[name] = reps
+            for key, (params, reps) in fit_filters_by_order(h, orders, refine_steps=refine_steps, lr=lr).items():
+                modal, reports = out.setdefault(key, ({}, {}))
+                modal.setdefault(i, {})[name] = params
+                reports.setdefault(i, {})[name] = reps
                 if progress:
-                    progress(i, name, d, summarize(reps))
+                    progress(i, name, key, summarize(reps))
     return out
 
 

@@ -359,16 +359,18 @@ def fit_filters(h, order: int | None = None, *, target: float | None = None, han
     return ModalParams.from_complex(poles, res, h0), reports
 
 
-def fit_filters_by_order(h, orders: Sequence[int], *, refine_steps: int = 0, lr: float = 1e-2,
-                         max_hankel: int = 1024) -> dict[int, tuple[ModalParams, list[FilterReport]]]:
-    """`fit_filters(h, d)` for every order d in ``orders`` (h (L, C)), decomposing each channel's Hankel
-    matrix once (`hankel_svd`, the dominant cost at L = 2048) for all orders."""
+def fit_filters_by_order(h, orders: Sequence[int], *, refine_steps: Sequence[int] = (0,), lr: float = 1e-2,
+                         max_hankel: int = 1024) -> dict[tuple[int, int], tuple[ModalParams, list[FilterReport]]]:
+    """{(d, r): `fit_filters(h, d, refine_steps=r)`} for every order d in ``orders`` and refinement length r
+    in ``refine_steps`` (h (L, C)), decomposing each channel's Hankel matrix once (`hankel_svd`, the
+    dominant cost at L = 2048) for all of them."""
     h = np.asarray(h, np.float64)
     if h.ndim != 2:
         raise DistillError(f"filters must be (length, channels); got shape {h.shape}")
     orders = [_check_order(d) for d in orders]
     svds = [hankel_svd(h[:, ch], max_hankel, keep=2 * max(orders) + 1) for ch in range(h.shape[1])]
-    return {d: fit_filters(h, d, refine_steps=refine_steps, lr=lr, max_hankel=max_hankel, svds=svds) for d in orders}
+    return {(d, int(r)): fit_filters(h, d, refine_steps=int(r), lr=lr, max_hankel=max_hankel, svds=svds)
+            for d in orders for r in refine_steps}
 
 
 def summarize(reports: Sequence[FilterReport]) -> dict:
