@@ -159,7 +159,10 @@ def test_greedy_agreement_is_free_running_greedy(trained):
     batches = validation_batches(cfg, tok)
     prompts = validation_prompts(batches, 2, 16)
     assert prompts.shape == (2, 16)
-    modal, _ = distill_model(lm, 2)
+    fitted, _ = distill_model(lm, 2)
+    # a deliberately poor candidate (residues negated) so that the two generations differ somewhere
+    modal = {i: {n: q._replace(res_re=-q.res_re, res_im=-q.res_im) for n, q in layer.items()}
+             for i, layer in fitted.items()}
     conv = Decoder(lm, "convcache")
     res = greedy_agreement(conv, Decoder(lm, "recurrent", modal), prompts, 12)
 
@@ -175,6 +178,7 @@ def test_greedy_agreement_is_free_running_greedy(trained):
     ref, cand = greedy(lm), greedy(replace_filters(lm, modal))
     np.testing.assert_array_equal(res["reference_ids"], ref)
     np.testing.assert_array_equal(res["candidate_ids"], cand)
+    assert (ref != cand).any()
     assert res["agreement"] == pytest.approx(float((ref == cand).mean()))
     same = greedy_agreement(conv, conv, prompts, 12)
     assert same["agreement"] == 1.0 and same["first_divergence_median"] == 12
