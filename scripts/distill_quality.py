@@ -20,6 +20,11 @@ A decode check prefills one validation sequence up to its last 256 positions and
 model through them, against the replaced model's forward (relative ℓ2 of the logits). Writes
 TAG.json, TAG.md and TAG.png (Δ loss and filter error against order, with Laughing Hyena's reported
 filter MSE for a different model beside ours).
+
+``--target-delta T --write-run DIR`` also picks one order per layer for a Δ-loss budget of T nats/token
+from the same (unrefined) fits, exactly as `longconv distill --target-delta` does
+(`lm.distill.quality.distill_for_delta`), and writes that distilled run to DIR (for greedy agreement
+and decoding benchmarks).
 """
 
 from __future__ import annotations
@@ -163,6 +168,19 @@ def write_markdown(result, path) -> None:
               "", f"Anchor, **a different model**: {ANCHOR_LABEL}: filter MSE "
               + ", ".join(f"{v} at d = {d}" for d, v in sorted(ANCHOR_LH_MSE.items()))
               + ", downstream accuracy within about a point. Our MSE columns are beside it only for scale."]
+    sel = result.get("target_delta_selection")
+    if sel:
+        verdict = "reached" if sel["reached"] else "**not reached** even with the largest order in every layer"
+        lines += ["", f"## Order per layer for Δ loss ≤ {sel['target_delta']:g} nats/token", "",
+                  f"Candidates {sel['candidates']} (ESPRIT + least squares); greedy over layers, bisection within a "
+                  "layer, prefix budget target·k/n (`lm.distill.quality.select_orders_for_delta`); Δ measured on the "
+                  f"same {sel['val_tokens']:,} validation tokens that select it. Target {verdict}: orders per layer "
+                  f"{sel['orders']}, Δ loss {sel['delta_loss']:+.4f}, KL {sel['kl']:.2e}. Recurrent state "
+                  f"{sel['state_complex']:,} complex numbers per sequence against {sel['state_complex_order16']:,} at "
+                  f"order 16 everywhere ({sel['state_complex'] / sel['state_complex_order16']:.2f}×). "
+                  f"{len(sel['evaluations'])} assignments evaluated:", "",
+                  "| orders per layer | Δ loss |", "|---|---|"]
+        lines += [f"| {e['orders']} | {e['delta']:+.4f} |" for e in sel["evaluations"]]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -175,11 +193,15 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batches", type=int, default=None, help="validation batches (default: the whole split)")
     ap.add_argument("--out", default="results/distill")
     ap.add_argument("--tag", default="quality", help="output file stem")
+    ap.add_argument("--target-delta", type=float, default=None, help="also choose per-layer orders for this Δ loss")
+    ap.add_argument("--write-run", default=None, help="directory for the --target-delta distilled run")
     args = ap.parse_args(argv)
+    if (args.target_delta is None) != (args.write_run is None):
+        ap.error("--target-delta and --write-run go together")
 
     from lm.checkpoint import load_run
-    from lm.distill.convert import distill_model_by_order, replace_filters
-    from lm.distill.quality import HeldOutEvaluator, validation_batches
+    from lm.distill.convert import distill_model_by_order, replace_filters, write_distilled_run
+    from lm.distill.quality import HeldOutEvaluator, distill_for_delta, validation_batches
 
     load_start = [round(x, 1) for x in os.getloadavg()]
     cfg, lm, tok, step = load_run(args.run)
@@ -202,7 +224,19 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"order {d:>3} refine {refine:>4}: Δ loss {ev['delta_loss']:+.4f}, KL {ev['kl']:.2e}, "
               f"decode rel err {row['decode_rel_err']:.1e}", flush=True)
-    result = {"run": args.run, "step": step, "model": {"d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
+    selection = None
+    if args.target_delta is not None:
+        base_refine = min(args.refine_steps)
+        modal, reports, selection = distill_for_delta(
+            lm, evaluator, {d: fit for (d, r), fit in fits.items() if r == base_refine}, args.target_delta)
+        write_distilled_run(args.run, args.write_run, step, modal, reports,
+                            {"target_delta": args.target_delta, "orders": args.orders, "refine_steps": base_refine,
+                             "lr": args.lr, "max_batches": args.max_batches, "selection": selection},
+                            cfg.model.max_len)
+        print(f"target Δ {args.target_delta}: orders {selection['orders']}, Δ {selection['delta_loss']:+.4f}, "
+              f"state {selection['state_complex']:,} vs {selection['state_complex_order16']:,} at order 16; "
+              f"wrote {args.write_run}", flush=True)
+    result = {"run": args.run, "step": step, "target_delta_selection": selection, "model": {"d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers,
               "max_len": cfg.model.max_len, "mixer": cfg.model.mixer}, "val_batches": len(batches),
               "whole_split": args.max_batches is None, "val_tokens": evaluator.tokens,
               "baseline_val_loss": evaluator.base_loss, "orders": args.orders, "refine_steps": args.refine_steps,

@@ -70,9 +70,9 @@ def run(args: argparse.Namespace) -> dict:
 
 def run_target_delta(args: argparse.Namespace, src: pathlib.Path, cfg, lm, tokenizer, step: int) -> dict:
     """`--target-delta`: fit every candidate order, choose per layer on the validation split, write the run."""
-    from lm.distill.convert import distill_model_by_order, modal_state_size, replace_filters, write_distilled_run
+    from lm.distill.convert import distill_model_by_order, write_distilled_run
     from lm.distill.fit import DistillError, summarize
-    from lm.distill.quality import HeldOutEvaluator, select_orders_for_delta, validation_batches
+    from lm.distill.quality import HeldOutEvaluator, distill_for_delta, validation_batches
 
     cands = sorted({d for d in args.orders if d <= args.max_order})
     if not cands or cands[0] < 1:
@@ -80,27 +80,8 @@ def run_target_delta(args: argparse.Namespace, src: pathlib.Path, cfg, lm, token
     evaluator = HeldOutEvaluator(lm, validation_batches(cfg, tokenizer, args.max_batches))
     fits = {d: fit for (d, _), fit in distill_model_by_order(lm, cands, refine_steps=(args.refine_steps,),
                                                              lr=args.lr).items()}
-    layers = sorted(fits[cands[0]][0])
-    results: dict[tuple, dict] = {}
-
-    def pick(assign, which):
-        return {i: fits[assign[i]][which][i] for i in layers}
-
-    def delta_of(assign):
-        results[tuple(sorted(assign.items()))] = evaluator.evaluate(replace_filters(lm, pick(assign, 0)))
-        return results[tuple(sorted(assign.items()))]["delta_loss"]
-
-    sel = select_orders_for_delta(delta_of, layers, cands, args.target_delta)
-    chosen = sel["orders"]
-    final = results[tuple(sorted(chosen.items()))]
-    modal, reports = pick(chosen, 0), pick(chosen, 1)
-    state, state16 = modal_state_size(lm, chosen), modal_state_size(lm, {i: 16 for i in layers})
+    modal, reports, selection = distill_for_delta(lm, evaluator, fits, args.target_delta)
     out = pathlib.Path(args.out) if args.out else src.with_name(f"{src.name}-dl{args.target_delta:g}")
-    selection = {"target_delta": args.target_delta, "candidates": cands, "orders": {str(i): d for i, d in chosen.items()},
-                 "reached": sel["reached"], "val_tokens": evaluator.tokens, "base_loss": evaluator.base_loss, **final,
-                 "state_complex": state, "state_complex_order16": state16,
-                 "evaluations": [{"orders": {str(i): d for i, d in e["orders"].items()}, "delta": e["delta"]}
-                                 for e in sel["evaluations"]]}
     settings = {"target_delta": args.target_delta, "orders": cands, "refine_steps": args.refine_steps, "lr": args.lr,
                 "max_batches": args.max_batches, "selection": selection}
     write_distilled_run(src, out, step, modal, reports, settings, cfg.model.max_len)

@@ -144,6 +144,40 @@ def select_orders_for_delta(delta_of: Callable[[dict[int, int]], float], layers:
     return {"orders": chosen, "delta": delta(chosen), "reached": True, "evaluations": log}
 
 
+def distill_for_delta(lm, evaluator: HeldOutEvaluator, fits: dict, target: float) -> tuple[dict, dict, dict]:
+    """Per-layer orders for a Δ-loss budget from precomputed fits {order: (modal, reports)} (one entry per
+    candidate order, as from `lm.distill.convert.distill_model_by_order`), by `select_orders_for_delta`
+    with Δ measured by ``evaluator`` on the model whose filters are replaced by the modal ones.
+
+    Returns (modal, reports) of the chosen orders and a JSON-ready selection summary: orders per layer,
+    whether the target was reached, loss / Δ / KL of the result, the recurrent state size (complex
+    numbers per sequence) against order 16 everywhere, and every evaluated assignment.
+    """
+    from lm.distill.convert import modal_state_size, replace_filters
+
+    cands = sorted(fits)
+    layers = sorted(fits[cands[0]][0])
+    results: dict[tuple, dict] = {}
+
+    def pick(assign, which):
+        return {i: fits[assign[i]][which][i] for i in layers}
+
+    def delta_of(assign):
+        results[tuple(sorted(assign.items()))] = evaluator.evaluate(replace_filters(lm, pick(assign, 0)))
+        return results[tuple(sorted(assign.items()))]["delta_loss"]
+
+    sel = select_orders_for_delta(delta_of, layers, cands, target)
+    chosen = sel["orders"]
+    selection = {"target_delta": target, "candidates": cands, "orders": {str(i): d for i, d in chosen.items()},
+                 "reached": sel["reached"], "val_tokens": evaluator.tokens, "base_loss": evaluator.base_loss,
+                 **results[tuple(sorted(chosen.items()))],
+                 "state_complex": modal_state_size(lm, chosen),
+                 "state_complex_order16": modal_state_size(lm, {i: 16 for i in layers}),
+                 "evaluations": [{"orders": {str(i): d for i, d in e["orders"].items()}, "delta": e["delta"]}
+                                 for e in sel["evaluations"]]}
+    return pick(chosen, 0), pick(chosen, 1), selection
+
+
 def agreement_stats(reference: np.ndarray, candidate: np.ndarray) -> dict:
     """Token-by-token comparison of two (prompts, n) generations: the fraction of equal tokens, and per
     prompt the first position where they differ (n if never)."""
