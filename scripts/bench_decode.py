@@ -1,21 +1,26 @@
 """Decode throughput and state memory vs prompt length: recurrent (distilled), conv-cache and attention KV cache.
 
-    python scripts/bench_decode.py --lengths 1024 2048 4096 8192 16384 32768 65536 --out results/distill
+    python scripts/bench_decode.py --run runs/ts_hyena_2k-dl0.01 \
+        --lengths 1024 2048 4096 8192 16384 32768 65536 --mem-cap-gib 16 --max-batch 256 --out results/distill
 
-Models (matched width/depth): a Hyena LM (order 2, safari) and an attention LM (RoPE) with the same
-d_model, n_layers and MLP; max_len = longest prompt + generated tokens. Paths:
+Models: the distilled run ``--run`` (written by `longconv distill`) and two baselines of the same width,
+depth and MLP, built at max_len = longest prompt + generated tokens:
 
-- recurrent: the Hyena LM with modal filters of order d (random stable poles; the timing does not
-  depend on the fit), prompt prefilled for real in parallel (FFT outputs + chunked state), then steps.
-- conv: the same Hyena LM with its own filters; every step recomputes the convolution over the cache
-  of past filter inputs (capacity prompt + generated).
-- attention: the attention LM with a KV cache (capacity prompt + generated).
+- recurrent: the distilled run's own model and modal filters (O(1) state per token); the prompt is
+  prefilled for real at batch 1 (FFT outputs + chunked state);
+- conv: the run's architecture with its own implicit filters (fresh weights: a ≥ 64K-tap filter does not
+  exist in the 2048-tap run); every step recomputes the convolution over the cache of past filter inputs;
+- attention: an attention LM (``--heads``, RoPE) with a KV cache; each step is one
+  `jax.nn.dot_product_attention` call over the cache (`Attention.attend`; XLA's implementation on CPU,
+  cuDNN is not requested for this fp32 masked single-query step).
 
 For conv and attention the per-token cost depends only on the cache capacity and position, not on the
 cached values, so their caches are allocated at capacity T + n and the position set to T without
-running the quadratic/large prefill (prefill time is reported for the recurrent path only). Reported:
-median seconds per generated token (batch 1, after warm-up), tokens/s, and the decode-state bytes
-(everything carried between steps).
+running the quadratic/large prefill (prefill time is reported for the recurrent path only). Each path
+runs at batch 1 and at the largest batch whose decode state (everything carried between steps) fits
+``--mem-cap-gib`` (at most ``--max-batch``): the batch-1 state is tiled along the batch (values do not
+change the cost). Reported: median seconds per step, tokens/s (= batch / s per step) and state bytes.
+The cap bounds the carried state only, not the step's temporaries or the weights.
 """
 
 from __future__ import annotations
@@ -35,30 +40,30 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 
-def build(mixer, d_model, n_layers, max_len, seed=0):
-    from lm.config import from_dict
-    from lm.model import LM, ModelConfig
+def build(base_cfg, max_len, seed=0, **changes):
+    """A fresh LM (eval mode) with ``base_cfg``'s architecture, max_len and the given config changes."""
+    import dataclasses
 
-    cfg = from_dict(ModelConfig, {"vocab_size": 256, "d_model": d_model, "n_layers": n_layers, "max_len": max_len,
-                                  "mixer": mixer, "mlp": "mlp", "mlp_ratio": 4.0})
+    from lm.model import LM
+
+    cfg = dataclasses.replace(base_cfg, max_len=max_len, **changes)
+    cfg.validate()
     lm = LM(cfg, rngs=nnx.Rngs(seed))
     lm.eval()
     return lm
 
 
-def random_modal(lm, order, seed=0):
-    from lm.distill.modal import ModalParams
+def tile_batch(cache, batch: int):
+    """The batch-1 decoder cache repeated ``batch`` times along the batch axis (new arrays: steps donate them)."""
+    return jax.tree.map(lambda x: jnp.repeat(x, batch, axis=0) if x.ndim else jnp.array(x), cache)
 
-    rng = np.random.default_rng(seed)
-    modal = {}
-    for i, b in enumerate(lm.blocks):
-        modal[i] = {}
-        for name, h in b.mixer.long_filters(2).items():
-            c = h.shape[1]
-            poles = rng.uniform(0.9, 0.999, (c, order)) * np.exp(1j * rng.uniform(0, np.pi, (c, order)))
-            res = 0.01 * (rng.normal(size=(c, order)) + 1j * rng.normal(size=(c, order)))
-            modal[i][name] = ModalParams.from_complex(poles, res, np.zeros(c))
-    return modal
+
+def largest_batch(state_bytes_1: int, cap_bytes: float, max_batch: int) -> int:
+    """Largest power-of-two batch ≤ max_batch whose state (batch × the batch-1 state) fits cap_bytes (≥ 1)."""
+    b = 1
+    while b * 2 <= max_batch and b * 2 * state_bytes_1 <= cap_bytes:
+        b *= 2
+    return b
 
 
 def pos_params(model) -> int:
@@ -69,7 +74,7 @@ def pos_params(model) -> int:
 
 
 def time_steps(decoder, cache, n_tokens, warmup=2):
-    tok = jnp.zeros((1,), jnp.int32)
+    tok = jnp.zeros((jax.tree.leaves(cache["layers"])[0].shape[0],), jnp.int32)
     c = cache
     for _ in range(warmup):
         lg, c = decoder.step(tok, c)
@@ -96,23 +101,27 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768, 65536])
+    ap.add_argument("--run", required=True, help="distilled run directory (`longconv distill`)")
     ap.add_argument("--tokens", type=int, default=32, help="generated tokens timed per point")
-    ap.add_argument("--d-model", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--order", type=int, default=16)
+    ap.add_argument("--heads", type=int, default=4, help="attention heads of the KV-cache baseline")
+    ap.add_argument("--mem-cap-gib", type=float, default=4.0, help="decode-state budget for the large batch")
+    ap.add_argument("--max-batch", type=int, default=256, help="largest batch tried")
     ap.add_argument("--paths", nargs="+", default=["recurrent", "conv", "attention"])
     ap.add_argument("--out", default="results/distill")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
 
+    from lm.distill.convert import load_distilled
+
+    _, distilled, _, _, modal, meta = load_distilled(args.run)
     max_len = max(args.lengths) + args.tokens + 8
-    hyena = build({"name": "hyena"}, args.d_model, args.layers, max_len)
-    attn = build({"name": "attention", "num_heads": 4}, args.d_model, args.layers, max_len)
+    conv_model = build(distilled.cfg, max_len)
+    attn = build(distilled.cfg, max_len, mixer={"name": "attention", "num_heads": args.heads}, layer_mixers={})
     decoders = {}
     if "recurrent" in args.paths:
-        decoders["recurrent"] = Decoder(hyena, "recurrent", random_modal(hyena, args.order))
+        decoders["recurrent"] = Decoder(distilled, "recurrent", modal)
     if "conv" in args.paths:
-        decoders["conv"] = Decoder(hyena, "convcache")
+        decoders["conv"] = Decoder(conv_model, "convcache")
     if "attention" in args.paths:
         decoders["attention"] = Decoder(attn, "convcache")
     machine = f"{platform.machine()} CPU ({platform.processor() or 'unknown'}), {jax.device_count()} JAX device(s) " \
@@ -129,78 +138,93 @@ def main(argv=None) -> int:
     import os
 
     load_start = os.getloadavg()
+    cap_bytes = args.mem_cap_gib * 2**30
     rows = []
     for t_len in args.lengths:
         for path, dec in decoders.items():
-            row = {"path": path, "prompt_len": t_len}
+            base = {"path": path, "prompt_len": t_len}
             try:
                 if path == "recurrent":
-                    prompt = jax.random.randint(jax.random.key(0), (1, t_len), 0, 256)
+                    prompt = jax.random.randint(jax.random.key(0), (1, t_len), 0, distilled.cfg.vocab_size)
                     t0 = time.perf_counter()
                     lg, cache = dec.prefill(prompt)
                     jax.block_until_ready(lg)
-                    row["prefill_s_incl_compile"] = time.perf_counter() - t0
+                    base["prefill_s_incl_compile"] = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     lg, cache = dec.prefill(prompt)
                     jax.block_until_ready(lg)
-                    row["prefill_s"] = time.perf_counter() - t0
+                    base["prefill_s"] = time.perf_counter() - t0
                 else:
                     cache = synthetic_cache(dec, t_len, args.tokens)
-                nbytes = cache_nbytes(cache)
-                med, mean = time_steps(dec, cache, args.tokens)
-                row.update({"s_per_token": med, "s_per_token_mean": mean, "tokens_per_s": 1.0 / med,
-                            "state_bytes": nbytes})
+                per_seq = cache_nbytes(cache)
+                big = largest_batch(per_seq, cap_bytes, args.max_batch)
+                batches = [(1, cache)] + ([(big, tile_batch(cache, big))] if big > 1 else [])
+                for batch, c in batches:
+                    row = {**base, "batch": batch, "largest": batch == big, "state_bytes": cache_nbytes(c)}
+                    med, mean = time_steps(dec, c, args.tokens)
+                    row.update({"s_per_step": med, "s_per_step_mean": mean, "tokens_per_s": batch / med})
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                del cache, batches, c
             except Exception as e:  # noqa: BLE001 - record OOM / failures honestly
-                row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            del cache
+                rows.append({**base, "batch": 1, "largest": True, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                print(json.dumps(rows[-1]), flush=True)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"machine": machine, "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "d_model": args.d_model, "n_layers": args.layers, "order": args.order,
-              "batch": 1, "tokens_timed": args.tokens, "max_len": max_len,
-              "params": {"hyena": count_params(hyena), "attention": count_params(attn),
-                         "hyena_excl_positional_tables": count_params(hyena) - pos_params(hyena)}, "rows": rows}
+    orders = {str(i): {n: p.order for n, p in layer.items()} for i, layer in modal.items()}
+    result = {"machine": machine, "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "run": args.run,
+              "d_model": distilled.cfg.d_model, "n_layers": distilled.cfg.n_layers, "mixer": distilled.cfg.mixer,
+              "modal_orders": orders, "tokens_timed": args.tokens, "max_len": max_len, "mem_cap_gib": args.mem_cap_gib,
+              "max_batch": args.max_batch,
+              "params": {"distilled_run": count_params(distilled), "conv": count_params(conv_model),
+                         "attention": count_params(attn),
+                         "conv_excl_positional_tables": count_params(conv_model) - pos_params(conv_model)},
+              "rows": rows}
     tag = f"_{args.tag}" if args.tag else ""
     (out / f"bench_decode{tag}.json").write_text(json.dumps(result, indent=1))
     write_report(result, out, tag)
     return 0
 
 
+def fmt_bytes(b) -> str:
+    return f"{b / 2**30:.2f} GiB" if b >= 2**30 else (f"{b / 2**20:.2f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB")
+
+
 def write_report(result, out: pathlib.Path, tag: str = "") -> None:
-    rows = result["rows"]
-    paths = sorted({r["path"] for r in rows}, key=["recurrent", "conv", "attention"].index)
-    lengths = sorted({r["prompt_len"] for r in rows})
-    get = {(r["path"], r["prompt_len"]): r for r in rows}
+    rows = [r for r in result["rows"] if "error" not in r]
+    paths = [p for p in ("recurrent", "conv", "attention") if any(r["path"] == p for r in result["rows"])]
+    lengths = sorted({r["prompt_len"] for r in result["rows"]})
+    errors = {(r["path"], r["prompt_len"]): r["error"] for r in result["rows"] if "error" in r}
     lines = [f"# Decode benchmark{(' (' + tag.strip('_') + ')') if tag else ''}", "",
              f"Machine: {result['machine']}. Load average (1/5/15 min) at start "
-             f"{'/'.join(f'{x:.1f}' for x in result.get('loadavg_start', []))}, at end "
-             f"{'/'.join(f'{x:.1f}' for x in result.get('loadavg_end', []))}: the 2 cores were shared with other "
-             "jobs, so absolute numbers are noisy; the trends are the point.", "",
-             f"Models: d_model {result['d_model']}, {result['n_layers']} layers, batch 1; Hyena "
-             f"{result['params']['hyena']:,} params ({result['params']['hyena_excl_positional_tables']:,} without the "
-             f"implicit filters' max_len × emb_dim positional tables; recurrent: order {result['order']} modal filters), attention "
-             f"{result['params']['attention']:,} params; median over {result['tokens_timed']} generated tokens.", "",
-             "| prompt | " + " | ".join(f"{p} tok/s" for p in paths) + " | "
-             + " | ".join(f"{p} state" for p in paths) + " | recurrent / attention |",
-             "|---|" + "---|" * (2 * len(paths) + 1)]
-
-    def fmt_bytes(b):
-        return f"{b / 2**20:.2f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB"
-
-    for t in lengths:
-        cells, mem = [], []
-        for p in paths:
-            r = get.get((p, t), {})
-            cells.append(f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else r.get("error", "—")[:30])
-            mem.append(fmt_bytes(r["state_bytes"]) if "state_bytes" in r else "—")
-        ratio = "—"
-        if "tokens_per_s" in get.get(("recurrent", t), {}) and "tokens_per_s" in get.get(("attention", t), {}):
-            ratio = f"{get[('recurrent', t)]['tokens_per_s'] / get[('attention', t)]['tokens_per_s']:.1f}×"
-        lines.append(f"| {t:,} | " + " | ".join(cells) + " | " + " | ".join(mem) + f" | {ratio} |")
-    pre = [r for r in rows if r["path"] == "recurrent" and "prefill_s" in r]
+             f"{'/'.join(f'{x:.1f}' for x in result['loadavg_start'])}, at end "
+             f"{'/'.join(f'{x:.1f}' for x in result['loadavg_end'])}.", "",
+             f"Models: d_model {result['d_model']}, {result['n_layers']} layers. recurrent: the distilled run "
+             f"`{result['run']}` ({result['params']['distilled_run']:,} params; modal orders per layer "
+             f"{result['modal_orders']}); conv: the same architecture with fresh implicit filters at max_len "
+             f"{result['max_len']:,} ({result['params']['conv_excl_positional_tables']:,} params without the "
+             f"positional tables); attention: {result['params']['attention']:,} params, KV cache through "
+             f"`jax.nn.dot_product_attention`. Median over {result['tokens_timed']} steps. Large batch: the largest "
+             f"power of two ≤ {result['max_batch']} whose decode state fits {result['mem_cap_gib']:g} GiB.", ""]
+    for title, pick in (("Batch 1", lambda r: r["batch"] == 1), ("Largest batch in the cap", lambda r: r["largest"])):
+        get = {(r["path"], r["prompt_len"]): r for r in rows if pick(r)}
+        lines += [f"## {title}", "", "| prompt | " + " | ".join(f"{p} tok/s (batch)" for p in paths) + " | "
+                  + " | ".join(f"{p} state" for p in paths) + " | recurrent / attention |",
+                  "|---|" + "---|" * (2 * len(paths) + 1)]
+        for t in lengths:
+            cells, mem = [], []
+            for p in paths:
+                r = get.get((p, t))
+                cells.append(f"{r['tokens_per_s']:.1f} ({r['batch']})" if r else errors.get((p, t), "—")[:40])
+                mem.append(fmt_bytes(r["state_bytes"]) if r else "—")
+            ratio = "—"
+            if get.get(("recurrent", t)) and get.get(("attention", t)):
+                ratio = f"{get[('recurrent', t)]['tokens_per_s'] / get[('attention', t)]['tokens_per_s']:.1f}×"
+            lines.append(f"| {t:,} | " + " | ".join(cells) + " | " + " | ".join(mem) + f" | {ratio} |")
+        lines.append("")
+    pre = [r for r in rows if r["path"] == "recurrent" and r["batch"] == 1 and "prefill_s" in r]
     if pre:
-        lines += ["", "Recurrent prefill (parallel, whole model, after compile): "
+        lines += ["Recurrent prefill at batch 1 (parallel, whole model, after compile): "
                   + ", ".join(f"{r['prompt_len']:,}: {r['prefill_s']:.2f} s" for r in pre) + "."]
     (out / f"bench_decode{tag}.md").write_text("\n".join(lines) + "\n")
     try:
@@ -211,16 +235,17 @@ def write_report(result, out: pathlib.Path, tag: str = "") -> None:
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for p in paths:
-            pts = [(t, get[(p, t)]) for t in lengths if "tokens_per_s" in get.get((p, t), {})]
-            axes[0].plot([t for t, _ in pts], [r["tokens_per_s"] for _, r in pts], "o-", label=p)
-            axes[1].plot([t for t, _ in pts], [r["state_bytes"] / 2**20 for _, r in pts], "o-", label=p)
-        for ax, yl in zip(axes, ("generated tokens / s (batch 1)", "decode state (MiB)")):
+            for kind, style, pick in (("batch 1", "o-", lambda r: r["batch"] == 1), ("largest", "s--", lambda r: r["largest"])):
+                pts = sorted((r["prompt_len"], r) for r in rows if r["path"] == p and pick(r))
+                axes[0].plot([t for t, _ in pts], [r["tokens_per_s"] for _, r in pts], style, label=f"{p} ({kind})")
+                axes[1].plot([t for t, _ in pts], [r["state_bytes"] / 2**20 for _, r in pts], style, label=f"{p} ({kind})")
+        for ax, yl in zip(axes, ("generated tokens / s", "decode state (MiB)")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("prompt length")
             ax.set_ylabel(yl)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
+            ax.legend(fontsize=7)
         fig.suptitle(result["machine"][:110], fontsize=8)
         fig.tight_layout()
         fig.savefig(out / f"bench_decode{tag}.png", dpi=120)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lm.distill.fit import DistillError, FilterReport, fit_filters, summarize
+from lm.distill.fit import DistillError, FilterReport, fit_filters, fit_filters_by_order, summarize
 from lm.distill.modal import ModalParams
 from lm.distill.recurrent import RecurrentError, twin_for
 
@@ -76,6 +76,36 @@ def distill_model(lm, order: int | None = 16, *, target: float | None = None, ha
             if progress:
                 progress(i, name, summarize(reps))
     return modal, reports
+
+
+def distill_model_by_order(lm, orders, *, refine_steps=(0,), lr: float = 1e-2, progress=None,
+                           ) -> dict[tuple[int, int], tuple[dict[int, dict[str, ModalParams]], dict[int, dict[str, list[FilterReport]]]]]:
+    """`distill_model(lm, d, refine_steps=r)` for every order d in ``orders`` and r in ``refine_steps``:
+    {(d, r): (modal, reports)}, sharing each filter's Hankel decomposition (`fit_filters_by_order`)."""
+    out: dict = {}
+    for i, layer in long_filter_banks(lm).items():
+        for name, h in layer.items():
+            for key, (params, reps) in fit_filters_by_order(h, orders, refine_steps=refine_steps, lr=lr).items():
+                modal, reports = out.setdefault(key, ({}, {}))
+                modal.setdefault(i, {})[name] = params
+                reports.setdefault(i, {})[name] = reps
+                if progress:
+                    progress(i, name, key, summarize(reps))
+    return out
+
+
+def modal_state_size(lm, orders: dict[int, int]) -> int:
+    """Complex numbers of recurrent modal state per sequence when layer i uses order ``orders[i]``:
+    Σ_layers Σ_filters (channels × the mixer's repeat, e.g. N² per MultiHyena head) × order."""
+    total = 0
+    for i, layer in long_filter_banks(lm, 4).items():
+        mixer = lm.blocks[i].mixer
+        twin = twin_for(mixer)
+        for name, h in layer.items():
+            repeat = twin.channel_repeat(mixer) if twin.channel_repeat and (
+                not twin.repeat_names or name in twin.repeat_names) else 1
+            total += h.shape[1] * repeat * int(orders[i])
+    return total
 
 
 # ----------------------------------------------------------------------------------------------------
