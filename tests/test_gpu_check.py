@@ -20,6 +20,7 @@ def _args(tmp_path, *extra):
     return parser.parse_args(["--smoke", "--out", str(tmp_path), "--table", str(tmp_path / "tuned.json"), *extra])
 
 
+@pytest.mark.slow  # ~30 s quiet, 80 s loaded: a full CPU rehearsal of the GPU script (every plan compiled)
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="smoke mode is the CPU rehearsal")
 def test_smoke_run_writes_results_and_table(tmp_path, monkeypatch):
     cleared = []
