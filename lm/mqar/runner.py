@@ -417,12 +417,15 @@ def _build_steps(graphdef_train, graphdef_eval, tx, member_loop: str = "vmap"):
         params = optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates))
         return params, opt_state, rest, loss, acc
 
+    def over_members(fn, stacked: tuple, *shared):
+        """``fn(*member_state, *shared)`` for every member of the stacked state, by vmap or lax.map."""
+        if member_loop == "map":
+            return jax.lax.map(lambda member: fn(*member, *shared), stacked)
+        return jax.vmap(lambda *member: fn(*member, *shared))(*stacked)
+
     def train_step(params, opt_state, rest, lrs, data, idx):
         x, pos, y = (a[idx] for a in data)
-        if member_loop == "map":
-            return jax.lax.map(lambda member: member_train_step(*member, x, pos, y), (params, opt_state, rest, lrs))
-        return jax.vmap(member_train_step, in_axes=(0, 0, 0, 0, None, None, None))(
-            params, opt_state, rest, lrs, x, pos, y)
+        return over_members(member_train_step, (params, opt_state, rest, lrs), x, pos, y)
 
     def member_eval_step(params, rest, x, pos, y, w):
         model = nnx.merge(graphdef_eval, params, rest)
@@ -431,11 +434,9 @@ def _build_steps(graphdef_train, graphdef_eval, tx, member_loop: str = "vmap"):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(axis=1)
         return (row_acc * w).sum(), (loss * w).sum()
 
-    if member_loop == "map":
-        def eval_step(params, rest, x, pos, y, w):
-            return jax.lax.map(lambda member: member_eval_step(*member, x, pos, y, w), (params, rest))
-    else:
-        eval_step = jax.vmap(member_eval_step, in_axes=(0, 0, None, None, None, None))
+    def eval_step(params, rest, x, pos, y, w):
+        return over_members(member_eval_step, (params, rest), x, pos, y, w)
+
     return jax.jit(train_step, donate_argnums=(0, 1, 2)), jax.jit(eval_step)
 
 
