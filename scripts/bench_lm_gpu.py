@@ -8,13 +8,16 @@ steps on random tokens after ``--warmup`` steps. MFU = `lm.flops.train_step_flop
 peak; peak memory = ``device.memory_stats()["peak_bytes_in_use"]``, per row because every row runs in its
 own process. A row that runs out of memory is recorded as such. ``--fftconv-impls`` repeats the Hyena
 rows per convolution implementation (`kernels.fftconv.auto_impl`: every mixer's ``fftconv`` runs on it),
-e.g. issue 9's model-level table: Hyena on xla / xla-matmul / pallas against attention at 4K-64K. Writes
+e.g. issue 9's model-level table: Hyena on xla / xla-matmul / pallas against attention at 4K-64K;
+``--hyena-layouts blh,hbl`` repeats them per Hyena activation layout (``model.mixer.layout``: "hbl" feeds
+the fused Pallas kernels with no transposes). Writes
 ``bench_lm_gpu.jsonl`` (one row per model x length x impl, plus the machine) and ``bench_lm_gpu.md``
 (a table) under ``--out``.
 
     python scripts/bench_lm_gpu.py --out results/lm_gpu        # one GPU (H100/H200): ~3-5 minutes
     python scripts/bench_lm_gpu.py --tiny --out /tmp/bench     # CPU smoke test: tiny models, seconds
     python scripts/bench_lm_gpu.py --seqlens 4096,16384,65536 --fftconv-impls xla,pallas --out results/lm_step
+    python scripts/bench_lm_gpu.py --seqlens 1024,2048 --fftconv-impls xla,pallas --hyena-layouts blh,hbl --out results/lm_step
 """
 
 from __future__ import annotations
@@ -54,10 +57,12 @@ def measure_bf16_peak(size: int, repeats: int = 10, trials: int = 3) -> float:
     return 2.0 * size**3 / best
 
 
-def model_config(name: str, seqlen: int, tiny: bool):
+def model_config(name: str, seqlen: int, tiny: bool, layout: str = "blh"):
     from lm.train import load_train_config
 
     overrides = [f"model.max_len={seqlen}", f"data.block_size={seqlen}", "trainer.precision=bf16"]
+    if name == "hyena" and layout != "blh":
+        overrides.append(f"model.mixer.layout={layout}")
     if tiny:
         overrides += TINY + TINY_MIXER[name]
     cfg = load_train_config(REPO / MODELS[name], overrides)
@@ -66,8 +71,9 @@ def model_config(name: str, seqlen: int, tiny: bool):
 
 
 def bench_row(name: str, seqlen: int, batch: int, steps: int, warmup: int, matmul_size: int, tiny: bool,
-              impl: str = "auto") -> dict:
-    """One model x length (x fftconv ``impl`` for Hyena) in this process: see the module docstring."""
+              impl: str = "auto", layout: str = "blh") -> dict:
+    """One model x length (x fftconv ``impl`` and activation ``layout`` for Hyena) in this process: see the
+    module docstring."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -79,12 +85,13 @@ def bench_row(name: str, seqlen: int, batch: int, steps: int, warmup: int, matmu
     from lm.optim import lr_schedule, make_optimizer, model_label_map
     from lm.train import make_train_step
 
-    cfg = model_config(name, seqlen, tiny)
+    cfg = model_config(name, seqlen, tiny, layout)
     device = jax.devices()[0]
     row = {"model": name, "config": MODELS[name], "seqlen": seqlen, "batch": batch, "tokens_per_step": batch * seqlen,
            "device": device.device_kind, "backend": jax.default_backend(),
            "fftconv_impl": None if name != "hyena" else (
-               impl if impl != "auto" else default_impl(seqlen, jax.default_backend(), seqlen, jnp.bfloat16))}
+               impl if impl != "auto" else default_impl(seqlen, jax.default_backend(), seqlen, jnp.bfloat16)),
+           "hyena_layout": layout if name == "hyena" else None}
     row["peak_bf16_flops"] = measure_bf16_peak(matmul_size)
 
     def build():
@@ -140,6 +147,8 @@ def markdown(rows: list[dict], machine: str) -> str:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         conv = r.get("fftconv_impl") or ""
+        if r.get("hyena_layout") not in (None, "blh"):
+            conv += f" ({r['hyena_layout']})"
         if "error" in r:
             lines.append(f"| {r['model']} | {conv} | {r['seqlen']} | {r['batch']} | {r['error'][:60]} | | | | | |")
             continue
@@ -163,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--matmul-size", type=int, default=None, help="peak matmul size (default 8192; --tiny 256)")
     parser.add_argument("--fftconv-impls", default="auto",
                         help="comma-separated fftconv impls for the Hyena rows (auto, xla, xla-matmul, pallas)")
+    parser.add_argument("--hyena-layouts", default="blh",
+                        help="comma-separated Hyena activation layouts (model.mixer.layout: blh, hbl)")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: run one row, print JSON
     args = parser.parse_args(argv)
     seqlens = [int(s) for s in (args.seqlens or ("64,128" if args.tiny else "2048,8192")).split(",")]
@@ -171,26 +182,28 @@ def main(argv: list[str] | None = None) -> int:
     matmul_size = args.matmul_size or (256 if args.tiny else 8192)
 
     if args.row:
-        name, seqlen, impl = args.row.split(":")
+        name, seqlen, impl, layout = args.row.split(":")
         print(json.dumps(bench_row(name, int(seqlen), max(1, tokens // int(seqlen)), steps, args.warmup,
-                                   matmul_size, args.tiny, impl)))
+                                   matmul_size, args.tiny, impl, layout)))
         return 0
 
     from kernels.fftconv.bench import machine_info
 
     rows = []
     impls = args.fftconv_impls.split(",")
-    specs = [(name, seqlen, impl) for name in args.models.split(",") for seqlen in seqlens
-             for impl in (impls if name == "hyena" else ["auto"])]
-    for name, seqlen, impl in specs:
+    layouts = args.hyena_layouts.split(",")
+    specs = [(name, seqlen, impl, layout) for name in args.models.split(",") for seqlen in seqlens
+             for impl in (impls if name == "hyena" else ["auto"]) for layout in (layouts if name == "hyena" else ["blh"])]
+    for name, seqlen, impl, layout in specs:
         if args.tiny:  # in-process: fast; peak memory is not per row (CPU reports none anyway)
-            row = bench_row(name, seqlen, max(1, tokens // seqlen), steps, args.warmup, matmul_size, True, impl)
+            row = bench_row(name, seqlen, max(1, tokens // seqlen), steps, args.warmup, matmul_size, True, impl,
+                            layout)
         else:  # own process: a fresh allocator, so peak_bytes_in_use is this row's
-            cmd = [sys.executable, __file__, "--row", f"{name}:{seqlen}:{impl}", "--tokens-per-step", str(tokens),
+            cmd = [sys.executable, __file__, "--row", f"{name}:{seqlen}:{impl}:{layout}", "--tokens-per-step", str(tokens),
                    "--steps", str(steps), "--warmup", str(args.warmup), "--matmul-size", str(matmul_size)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
-                raise SystemExit(f"row {name}:{seqlen}:{impl} failed:\n{proc.stderr[-3000:]}")
+                raise SystemExit(f"row {name}:{seqlen}:{impl}:{layout} failed:\n{proc.stderr[-3000:]}")
             row = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "forward_flops_by_part"}), flush=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-SHAPES = {256: (16, 768), 1024: (16, 768), 2048: (16, 768), 4096: (16, 768), 16384: (8, 768),
+SHAPES = {256: (16, 768), 512: (16, 768), 1024: (16, 768), 2048: (16, 768), 4096: (16, 768), 16384: (8, 768),
           65536: (2, 768), 262144: (1, 384), 1048576: (1, 96)}  # L: (B, H) as measured on the H200
 
 
@@ -57,7 +57,9 @@ def capture_ttir(out: Path):
         result = lower(*args, **kwargs)
         path = out / f"kernel_{len(captured)}.ttir"
         path.write_text(result.module.operation.get_asm(enable_debug_info=False))
-        captured.append({"path": path, "grid": tuple(result.grid)})
+        # the registration computes the kernel's num_warps (from its CompilerParams) before lowering it
+        warps = sys._getframe(1).f_locals.get("num_warps")
+        captured.append({"path": path, "grid": tuple(result.grid), "num_warps": warps})
         return result
 
     reg.lowering.lower_jaxpr_to_triton_module = wrapped
@@ -116,7 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="folder for the TTIR/PTX files")
     parser.add_argument("--lens", type=int, nargs="*", default=sorted(SHAPES))
     parser.add_argument("--precisions", nargs="*", default=["bf16", "fp16", "tf32", "bf16x3", "fp32"])
-    parser.add_argument("--num-warps", type=int, default=4)
+    parser.add_argument("--num-warps", type=int, default=None,
+                        help="compile every kernel with this many warps (default: each kernel's own CompilerParams)")
     parser.add_argument("--backward", action="store_true", help="export the gradient too")
     parser.add_argument("--fail-on-spill", action="store_true")
     args = parser.parse_args(argv)
@@ -126,8 +129,8 @@ def main(argv=None) -> int:
         print("note: this jax has no GPU-info table; kernels are lowered with its default GPU limits")
     captured = capture_ttir(out)
     spilled = []
-    print("| L | precision | kernel | grid | regs | stack B | spill stores B | spill loads B | shared B |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| L | precision | kernel | grid | warps | regs | stack B | spill stores B | spill loads B | shared B |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for seqlen in args.lens:
         for precision in args.precisions:
             start = len(captured)
@@ -135,15 +138,16 @@ def main(argv=None) -> int:
             for index, item in enumerate(captured[start:]):
                 path = item["path"].rename(out / f"L{seqlen}_{precision}_{index}.ttir")
                 try:
-                    res = compile_ttir(path, args.num_warps)
+                    warps = args.num_warps or item["num_warps"] or 4
+                    res = compile_ttir(path, warps)
                 except Exception as err:  # report and go on: one bad kernel should not hide the others
                     print(f"| {seqlen} | {precision} | {path.name} | {item['grid']} | compile failed: "
-                          f"{str(err).splitlines()[0][:120]} |||||")
+                          f"{str(err).splitlines()[0][:120]} ||||||")
                     spilled.append(path.name)
                     continue
                 if res["spill_stores"] or res["spill_loads"]:
                     spilled.append(path.name)
-                print(f"| {seqlen} | {precision} | {path.stem} | {item['grid']} | {res['registers']} | {res['stack']} | "
+                print(f"| {seqlen} | {precision} | {path.stem} | {item['grid']} | {warps} | {res['registers']} | {res['stack']} | "
                       f"{res['spill_stores']} | {res['spill_loads']} | {res['shared']} |", flush=True)
     if spilled:
         print(f"spilling or failed kernels: {', '.join(spilled)}")

@@ -6,6 +6,7 @@ Data are unit-scale with long non-decaying filters, so an all-zero or short-rang
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -206,9 +207,10 @@ def test_grads_match_direct(impl, seqlen, ksize):
 
 
 @pytest.mark.parametrize("impl", MATMUL)
-def test_grads_without_optional_args_and_bf16(impl):
-    u, k, *_ = make_inputs(2, 700, 3, 700, seed=9, dtype=jnp.bfloat16)
-    w = make_inputs(2, 700, 3, 700, seed=10)[0]
+@pytest.mark.parametrize("seqlen", [700, 2100])  # 2-stage and 3-stage plans
+def test_grads_without_optional_args_and_bf16(impl, seqlen):
+    u, k, *_ = make_inputs(2, seqlen, 3, seqlen, seed=9, dtype=jnp.bfloat16)
+    w = make_inputs(2, seqlen, 3, seqlen, seed=10)[0]
     f = lambda u, k: jnp.sum(w * fftconv(u, k, impl=impl).astype(jnp.float32))
     gu, gk = jax.grad(f, argnums=(0, 1))(u, k)
     assert gu.dtype == jnp.bfloat16 and gk.dtype == jnp.bfloat16
@@ -232,3 +234,129 @@ def test_freq_sparse_grads_match_xla_autodiff(impl):
     got = _grads(via(impl), u, k, bias, pre, post, w)
     for name, g, r in zip(("u", "k", "bias", "pre", "post"), got, ref):
         assert rel_l2(g, np.asarray(r, np.float64)) < 1e-5, name
+
+
+def _pallas_calls(fn, *args) -> list[str]:
+    return re.findall(r"name=(fftconv\w*)", str(jax.make_jaxpr(fn)(*args)))
+
+
+@pytest.mark.parametrize("seqlen,ksize,batch,kernels", [
+    (300, 300, 3, ["fftconv_fused", "fftconv_fused_bwd"]),  # 2-stage plan: one backward kernel
+    (1000, 37, 3, ["fftconv_fused", "fftconv_fused_bwd"]),  # partial: 256-point chunk plans
+    (5000, 2000, 3, ["fftconv_inner", "fftconv_inner_bwd"]),  # 3 stages: outer levels in XLA
+])
+def test_pallas_backward_kernels(seqlen, ksize, batch, kernels):
+    """The gradient is one kernel: fused for 2-stage plans (du, dpre, dpost, dbias and dk's spectrum from
+    one pass), the inner backward kernel (g, z and dk's spectrum) for ≥ 3 stages; correct for an odd batch."""
+    u, k, bias, pre, post = make_inputs(batch, seqlen, 3, ksize, seed=13)
+    w = make_inputs(batch, seqlen, 3, ksize, seed=14)[0]
+
+    def loss(u, k, bias, pre, post):
+        return jnp.sum(w * fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl="pallas"))
+
+    assert _pallas_calls(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), u, k, bias, pre, post) == kernels
+    ref = _grads(direct_causal_conv, u, k, bias, pre, post, w)
+    got = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(u, k, bias, pre, post)
+    for name, g, r in zip(("u", "k", "bias", "pre", "post"), got, ref):
+        assert rel_l2(g, np.asarray(r, np.float64)) < 1e-5, name
+
+
+def _kernel_io_dtypes(fn, *args) -> dict[str, tuple[set, set]]:
+    """pallas_call name -> (dtypes of its (B, H, rows, f1) operands, dtypes of such outputs) in fn's jaxpr."""
+    found = {}
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                tiles = lambda vs: {v.aval.dtype.name for v in vs if v.aval.ndim == 4}  # not constants or sums
+                name = str(eqn.params.get("name", eqn.params.get("name_and_src_info")))  # jax 0.10 / later
+                found[re.match(r"\w+", name).group()] = (tiles(eqn.invars), tiles(eqn.outvars))
+            for value in eqn.params.values():
+                inner = getattr(value, "jaxpr", value)
+                if hasattr(inner, "eqns"):
+                    visit(inner)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return found
+
+
+def test_fused_kernels_read_and_write_bf16():
+    """bf16 activations enter and leave the fused kernels as bf16 (no fp32 copies of u, the gates, dy or
+    the gradients in HBM); only the spectra and the per-channel sums are fp32."""
+    u, k, bias, pre, post = make_inputs(2, 300, 4, 300, seed=15, dtype=jnp.bfloat16)
+
+    def loss(u, pre, post):
+        y = fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl="pallas")
+        return jnp.sum(y.astype(jnp.float32))
+
+    io = _kernel_io_dtypes(jax.grad(loss, argnums=(0, 1, 2)), u, pre, post)
+    assert io["fftconv_fused"] == ({"bfloat16"}, {"bfloat16"})
+    assert io["fftconv_fused_bwd"] == ({"bfloat16"}, {"bfloat16"})  # u, gates, dy in; du, dpre, dpost out
+
+
+# --- layout "hbl" (channels first) ------------------------------------------------------------------------
+
+
+def _hbl(a):
+    return None if a is None else jnp.transpose(a, (2, 0, 1))  # (B, L, H) -> (H, B, L)
+
+
+@pytest.mark.parametrize("impl,seqlen,ksize", [("xla", 300, 300), ("xla-matmul", 300, 300), ("pallas", 300, 300),
+                                               ("pallas", 1000, 37), ("pallas", 5000, 2000)])  # fused, chunked, 3-stage
+def test_hbl_layout_matches_direct_and_blh_grads(impl, seqlen, ksize):
+    u, k, bias, pre, post = make_inputs(2, seqlen, 3, ksize, seed=16)
+    y = fftconv(_hbl(u), k, bias, pre_gate=_hbl(pre), post_gate=_hbl(post), impl=impl, layout="hbl")
+    assert y.shape == (3, 2, seqlen)
+    ref = direct_causal_conv_np(u, k, bias, pre, post)
+    assert rel_l2(jnp.transpose(y, (1, 2, 0)), ref) < FP32_TOL
+    w = make_inputs(2, seqlen, 3, ksize, seed=17)[0]
+
+    def grads(layout, to):
+        def loss(u, k, bias, pre, post):
+            out = fftconv(to(u), k, bias, pre_gate=to(pre), post_gate=to(post), impl=impl, layout=layout)
+            return jnp.sum(to(w) * out)
+
+        return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(u, k, bias, pre, post)
+
+    for name, g, r in zip(("u", "k", "bias", "pre", "post"), grads("hbl", _hbl), grads("blh", lambda a: a)):
+        assert rel_l2(g, np.asarray(r, np.float64)) < 1e-6, name
+
+
+def test_hbl_fused_kernels_need_no_transpose():
+    """In the "hbl" layout the fused kernels read u and the gates and write y (and the gradients) as
+    given: no transpose of a (B, L, H)-sized array anywhere in the forward or the backward."""
+    batch, seqlen, channels = 4, 1024, 4  # B·L·H = 2·(H·N): larger than any filter-spectrum array
+    u, k, bias, pre, post = (_hbl(a) if a.ndim == 3 else a for a in make_inputs(batch, seqlen, channels, seqlen))
+
+    def loss(u, pre, post, layout):
+        return jnp.sum(fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl="pallas", layout=layout) ** 2)
+
+    def big_transposes(layout, *args):
+        text = jax.make_jaxpr(jax.grad(functools.partial(loss, layout=layout), argnums=(0, 1, 2)))(*args)
+        found = []
+
+        def visit(jaxpr):
+            for eqn in jaxpr.eqns:
+                if eqn.primitive.name == "transpose" and eqn.invars[0].aval.size >= batch * seqlen * channels:
+                    found.append(eqn.invars[0].aval.shape)
+                for value in eqn.params.values():
+                    inner = getattr(value, "jaxpr", value)
+                    if hasattr(inner, "eqns"):
+                        visit(inner)
+
+        visit(text.jaxpr)
+        return found
+
+    assert _pallas_calls(jax.grad(functools.partial(loss, layout="hbl")), u, pre, post) == [
+        "fftconv_fused", "fftconv_fused_bwd"]
+    assert big_transposes("hbl", u, pre, post) == []
+    blh = [jnp.transpose(a, (1, 2, 0)) for a in (u, pre, post)]
+    assert len(big_transposes("blh", *blh)) >= 8  # u, pre, post, y; dy, du, dpre, dpost: the cost avoided
+
+
+def test_layout_validation():
+    u, k, *_ = make_inputs(1, 64, 3, 64)
+    with pytest.raises(ValueError, match="unknown layout 'lbh'"):
+        fftconv(u, k, layout="lbh")
+    with pytest.raises(ValueError, match=r"k has 3 channels but u has 1 .*\(channels, batch, length\)"):
+        fftconv(u, k, layout="hbl")  # a (B, L, H) array passed as (H, B, L)

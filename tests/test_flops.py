@@ -96,8 +96,9 @@ def test_hyena_count_without_ffts_agrees_with_xla_cost_analysis():
 
 @pytest.mark.slow  # ~30 s of CPU: compiling the bf16 train step of the shrunk 153M configs
 def test_bench_lm_gpu_tiny_smoke(tmp_path):
-    """scripts/bench_lm_gpu.py --tiny (Hyena rows at length 32: auto and xla-matmul convolutions) writes
-    JSONL + a table whose rates follow from lm.flops and the measured step time and matmul peak."""
+    """scripts/bench_lm_gpu.py --tiny (Hyena rows at length 32: auto and xla-matmul convolutions, each in
+    the blh and hbl layouts) writes JSONL + a table whose rates follow from lm.flops and the measured step
+    time and matmul peak."""
     import importlib.util
     import json
     import pathlib
@@ -107,9 +108,11 @@ def test_bench_lm_gpu_tiny_smoke(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     assert bench.main(["--tiny", "--models", "hyena", "--seqlens", "32", "--steps", "1", "--warmup", "1",
-                       "--fftconv-impls", "auto,xla-matmul", "--out", str(tmp_path)]) == 0
-    machine, row, row_matmul = [json.loads(line) for line in (tmp_path / "bench_lm_gpu.jsonl").read_text().splitlines()]
+                       "--fftconv-impls", "auto,xla-matmul", "--hyena-layouts", "blh,hbl", "--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "bench_lm_gpu.jsonl").read_text().splitlines()
+    machine, row, row_hbl, row_matmul, _ = [json.loads(line) for line in lines]
     assert row_matmul["fftconv_impl"] == "xla-matmul" and row_matmul["loss"] == pytest.approx(row["loss"], rel=2e-2)
+    assert row_hbl["hyena_layout"] == "hbl" and row_hbl["loss"] == pytest.approx(row["loss"], rel=1e-3)
     assert machine["machine"]["backend"] == "cpu" and row["model"] == "hyena" and row["batch"] == 256 // 32
     cfg = bench.model_config("hyena", 32, tiny=True)
     assert cfg.model.n_layers == 2 and cfg.model.dtype == "bfloat16"
@@ -120,3 +123,4 @@ def test_bench_lm_gpu_tiny_smoke(tmp_path):
     table = (tmp_path / "bench_lm_gpu.md").read_text()
     assert f"| hyena | xla | 32 | 8 | {row['tokens_per_s']:,.0f} |" in table
     assert f"| hyena | xla-matmul | 32 | 8 | {row_matmul['tokens_per_s']:,.0f} |" in table
+    assert f"| hyena | xla (hbl) | 32 | 8 | {row_hbl['tokens_per_s']:,.0f} |" in table

@@ -104,9 +104,11 @@ def hyena_np(m, x, convention, order):
     return linear_np(m.out_proj, y)
 
 
-@pytest.mark.parametrize("convention,order", [("safari", 2), ("safari", 3), ("paper", 2), ("paper", 1)])
-def test_hyena_matches_numpy(convention, order):
-    m = build({"name": "hyena", "convention": convention, "order": order, "w": 3.0, **SMALL_FILTER})
+@pytest.mark.parametrize("convention,order,layout", [("safari", 2, "blh"), ("safari", 3, "blh"), ("paper", 2, "blh"),
+                                                     ("paper", 1, "blh"), ("safari", 3, "hbl"), ("paper", 2, "hbl")])
+def test_hyena_matches_numpy(convention, order, layout):
+    m = build({"name": "hyena", "convention": convention, "order": order, "w": 3.0, "layout": layout,
+               **SMALL_FILTER})
     assert m.n_filters == (order - 1 if convention == "safari" else order)
     x = inp((2, L, D), 1)
     assert_close(m(x), hyena_np(m, np64(x), convention, order))
@@ -116,6 +118,31 @@ def test_hyena_matches_numpy(convention, order):
     for o in range(m.n_filters):
         assert filt[f"filter_{o}"].shape == (L, D) and filt[f"filter_{o}"].dtype == jnp.float32
         assert_close(filt[f"filter_{o}"], ref[:, o * D:(o + 1) * D], rtol=1e-5)
+
+
+def test_hyena_channels_first_layout_runs_the_fused_kernels_with_the_same_gradients():
+    """layout "hbl" (in_proj writes (D, B, L), out_proj reads it) is the same function and gradient as
+    "blh", and with impl pallas every long conv is the fused kernel pair."""
+    from kernels.fftconv import auto_impl
+
+    spec = {"name": "hyena", "order": 3, **SMALL_FILTER}
+    x = inp((1, 100, D), 4)
+    grads = {}
+    for layout in ("blh", "hbl"):
+        graphdef, params, rest = nnx.split(build({**spec, "layout": layout}, max_len=100, seed=3), nnx.Param, ...)
+
+        def loss(params, x, graphdef=graphdef, rest=rest):
+            return jnp.sum(nnx.merge(graphdef, params, rest)(x) ** 2)
+
+        with auto_impl("pallas"):
+            text = str(jax.make_jaxpr(jax.grad(loss))(params, x))
+            grads[layout] = jax.tree.leaves(jax.grad(loss)(params, x))
+        # order 3 = 2 long convolutions: a forward and a backward kernel each
+        assert text.count("name=fftconv_fused_bwd") == 2 and text.count("name=fftconv_fused") == 4
+    assert len(grads["blh"]) == len(grads["hbl"]) > 0
+    for a, b in zip(grads["blh"], grads["hbl"]):
+        scale = float(np.abs(np64(a)).max())
+        np.testing.assert_allclose(np64(b), np64(a), rtol=0, atol=1e-5 * scale + 1e-12)
 
 
 def test_hyena_safari_order2_is_gate_conv_gate():

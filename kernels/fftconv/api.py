@@ -3,7 +3,9 @@
     y = fftconv(u, k, bias, pre_gate=..., post_gate=..., freq_mask=None, impl="auto")
 
 Layout: u (B, L, H) in bf16/fp16/fp32; k (K, H) with 1 <= K <= L (K < L is a partial filter);
-bias (H,) the D skip; gates (B, L, H). Computes, in fp32,
+bias (H,) the D skip; gates (B, L, H). `layout="hbl"` takes u, the gates and the result as (H, B, L)
+instead: the fused Pallas kernels' own order (no transposes around them; a mixer's projections to and
+from (H, B·L) are plain GEMMs); other paths transpose internally. Computes, in fp32,
     y = post ⊙ (k ∗ (pre ⊙ u) + bias ⊙ (pre ⊙ u)),   (k ∗ x)_t = Σ_{s<=min(t, K-1)} k_s x_{t-s},
 and returns u's dtype. Bad shapes, dtypes and lengths raise `FFTConvError` naming the problem.
 
@@ -51,24 +53,29 @@ class FFTConvError(ValueError):
 _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
-def _xla(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None):
+def _xla(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None, layout="blh"):
     del precision  # jnp.fft is fp32 at every setting
+    if layout == "hbl":  # jnp.fft path in (B, L, H)
+        to_blh = functools.partial(jnp.transpose, axes=(1, 2, 0))
+        u, pre_gate, post_gate = (None if a is None else to_blh(a) for a in (u, pre_gate, post_gate))
+        return jnp.transpose(_xla(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask), (2, 0, 1))
     if freq_mask is None:
         return fftconv_xla(u, k, bias, pre_gate, post_gate)
     return _conv.fftconv_xla_masked(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask)
 
 
-def _xla_matmul(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None):
+def _xla_matmul(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None, layout="blh"):
     return _conv.fftconv_matmul(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, impl="xla-matmul",
-                                precision=precision)
+                                precision=precision, layout=layout)
 
 
-def _pallas(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None):
+def _pallas(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None, layout="blh"):
     return _conv.fftconv_matmul(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, impl="pallas",
-                                precision=precision)
+                                precision=precision, layout=layout)
 
 
-# name -> implementation with the signature of `fftconv_xla` plus keyword-only `freq_mask`, `precision`.
+# name -> implementation with the signature of `fftconv_xla` plus keyword-only `freq_mask`, `precision`,
+# `layout`.
 IMPLEMENTATIONS: dict[str, Callable] = {"xla": _xla, "xla-matmul": _xla_matmul, "pallas": _pallas}
 
 # "auto" picks Pallas on GPU for FFT sizes up to this, overriding the measured table (tuned.json).
@@ -87,21 +94,28 @@ def _check_array(name: str, x) -> None:
         raise FFTConvError(f"fftconv: {name} must be a jax or numpy array, got {type(x).__name__}")
 
 
-def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None, precision=None) -> None:
+_LAYOUT_NAMES = {"blh": "(batch, length, channels)", "hbl": "(channels, batch, length)"}
+
+
+def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None, precision=None, layout="blh") -> None:
     """Raise FFTConvError unless the arguments have the documented shapes and dtypes."""
     for name, x in (("u", u), ("k", k), ("bias", bias), ("pre_gate", pre_gate), ("post_gate", post_gate)):
         if x is not None:
             _check_array(name, x)
+    if layout not in _LAYOUT_NAMES:
+        raise FFTConvError(f"fftconv: unknown layout {layout!r}; choose one of {sorted(_LAYOUT_NAMES)}")
     if getattr(u, "ndim", None) != 3:
-        raise FFTConvError(f"fftconv: u must have shape (batch, length, channels); got shape {jnp.shape(u)}")
+        raise FFTConvError(f"fftconv: u must have shape {_LAYOUT_NAMES[layout]}; got shape {jnp.shape(u)}")
     if getattr(k, "ndim", None) != 2:
         raise FFTConvError(f"fftconv: k must have shape (filter_length, channels); got shape {jnp.shape(k)}")
-    batch, seqlen, channels = u.shape
+    sizes = dict(zip(layout, u.shape))
+    batch, seqlen, channels = sizes["b"], sizes["l"], sizes["h"]
     ksize, k_channels = k.shape
     if seqlen < 1 or channels < 1 or batch < 1:
         raise FFTConvError(f"fftconv: u has an empty dimension: shape {u.shape}")
     if k_channels != channels:
-        raise FFTConvError(f"fftconv: k has {k_channels} channels but u has {channels} (k is (K, H), u is (B, L, H))")
+        raise FFTConvError(f"fftconv: k has {k_channels} channels but u has {channels} (k is (K, H), u is "
+                           f"{_LAYOUT_NAMES[layout]})")
     if ksize < 1:
         raise FFTConvError("fftconv: k has filter length 0")
     if ksize > seqlen:
@@ -202,9 +216,10 @@ def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = No
 
 
 def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, impl: str = "auto",
-            precision: str | None = None, check_finite: bool = False):
+            precision: str | None = None, check_finite: bool = False, layout: str = "blh"):
     """Causal long convolution (see module docstring). ``impl``: "auto" or a key of IMPLEMENTATIONS.
 
+    ``layout``: "blh" (u, gates and result (B, L, H)) or "hbl" ((H, B, L), the fused kernels' order).
     ``freq_mask``: None (dense) or a static boolean (G0, G1) block mask over the plan's frequency grid
     (`kernels.fftconv.monarch.freq_grid(L, K)` gives (N, f0, f_last); G0 | f0, G1 | f_last).
     ``precision``: matmul operand setting of "xla-matmul"/"pallas" (module docstring); None = per dtype.
@@ -212,12 +227,14 @@ def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, i
     ``check_finite=True`` raises FFTConvError naming the argument instead (`raise_if_non_finite`:
     eagerly, or under jit when the computation runs).
     """
-    validate(u, k, bias, pre_gate, post_gate, freq_mask, precision)
+    validate(u, k, bias, pre_gate, post_gate, freq_mask, precision, layout)
     if check_finite:
         raise_if_non_finite(u, k, bias, pre_gate, post_gate)
     if impl == "auto":
-        impl = _AUTO_OVERRIDE[-1] if _AUTO_OVERRIDE else default_impl(u.shape[1], jax.default_backend(),
-                                                                      k.shape[0], u.dtype)
+        seqlen = u.shape[layout.index("l")]
+        impl = _AUTO_OVERRIDE[-1] if _AUTO_OVERRIDE else default_impl(seqlen, jax.default_backend(), k.shape[0],
+                                                                      u.dtype)
     if impl not in IMPLEMENTATIONS:
         raise FFTConvError(f"fftconv: unknown impl {impl!r}; choose 'auto' or one of {sorted(IMPLEMENTATIONS)}")
-    return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, precision=precision)
+    return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, precision=precision,
+                                 layout=layout)

@@ -18,6 +18,8 @@ Backward (custom_vjp, same machinery): with dz = dy ⊙ post and x = pre ⊙ u,
     g  = Re IFFT(conj(K̂)·FFT(dz))[0:L] + bias ⊙ dz   (the forward conv with the conjugated spectrum)
     du = pre ⊙ g,  dpre = u ⊙ g,  dpost = dy ⊙ z (z recomputed),  dbias = Σ_{b,t} dz ⊙ x,
     dk = Re IFFT(M · Σ_b conj(FFT(x_b))·FFT(dz_b))[0:K]        (fp32 accumulation over the batch).
+impl="pallas" computes all of it in one kernel for 2-stage plans and g, z and the dk spectrum in one
+inner kernel for larger plans (`kernels.fftconv.pallas`); "xla-matmul" runs the three convolutions.
 """
 
 from __future__ import annotations
@@ -45,6 +47,13 @@ class OpConfig:
     plan: Plan
     interpret: bool
     precision: str = "fp32"  # matmul operand setting, see kernels.fftconv.precision
+    layout: str = "blh"  # axes of u, the gates and y: "blh" (B, L, H) or "hbl" (H, B, L), see LAYOUTS
+
+
+# Axis order of u, the gates and the output. "hbl" is the fused kernels' native order (no transposes:
+# each channel's sequence is contiguous, and a mixer's in/out projections to and from (H, B·L) are plain
+# GEMMs); every other path transposes to (B, H, L) internally.
+LAYOUTS = ("blh", "hbl")
 
 
 def chunk_size(seqlen: int, ksize: int) -> int | None:
@@ -54,14 +63,16 @@ def chunk_size(seqlen: int, ksize: int) -> int | None:
 
 
 def _raw(cfg: OpConfig, x, spec, plan: Plan, pre=None, post=None, bias=None):
-    """post ⊙ ((pre⊙x ∗ k)[0:n_out] + bias ⊙ pre⊙x), x (B, H, L_in) fp32 → (B, H, n_out) fp32."""
-    if cfg.impl == "pallas":
-        from kernels.fftconv.pallas import conv_pallas
-
-        return conv_pallas(x, spec, plan, pre, post, bias, interpret=cfg.interpret, precision=cfg.precision)
+    """post ⊙ ((pre⊙x ∗ k)[0:n_out] + bias ⊙ pre⊙x), x (B, H, L_in) fp32 → (B, H, n_out) fp32 (the
+    xla-matmul path, and pallas on ≥ 3-stage plans; 2-stage pallas plans run `pallas.conv_fused`)."""
     if pre is not None:
         x = x * pre
-    y = monarch.conv_xla_matmul(x, spec, plan, cfg.precision)
+    if cfg.impl == "pallas":
+        from kernels.fftconv.pallas import conv_inner
+
+        y = conv_inner(x, spec, plan, interpret=cfg.interpret, precision=cfg.precision)
+    else:
+        y = monarch.conv_xla_matmul(x, spec, plan, cfg.precision)
     if bias is not None:
         y = y + bias.astype(jnp.float32)[:, None] * x[..., : plan.n_out]
     if post is not None:
@@ -69,12 +80,30 @@ def _raw(cfg: OpConfig, x, spec, plan: Plan, pre=None, post=None, bias=None):
     return y
 
 
-def _bhl(a):
-    return None if a is None else jnp.swapaxes(a.astype(jnp.float32), 1, 2)
+def _bhl(a, layout: str = "blh"):
+    """u/gate in `layout` → (B, H, L) fp32."""
+    if a is None:
+        return None
+    a = a.astype(jnp.float32)
+    return jnp.swapaxes(a, 1, 2) if layout == "blh" else jnp.transpose(a, (1, 0, 2))
 
 
-def _blh(a):
+def _from_bhl(a, layout: str = "blh"):
+    """(B, H, L) → `layout`."""
+    return jnp.swapaxes(a, 1, 2) if layout == "blh" else jnp.transpose(a, (1, 0, 2))
+
+
+def _fused_io(a, layout: str):
+    """u/gate in `layout` → what the fused kernels take, in a's own dtype (they cast on load and store):
+    (B, H, L) for "blh" (one transpose each way), the array itself for "hbl" (channels first)."""
+    if a is None or layout == "hbl":
+        return a
     return jnp.swapaxes(a, 1, 2)
+
+
+def seq_axis(layout: str) -> int:
+    """Index of the length axis of u in `layout`."""
+    return layout.index("l")
 
 
 def _backward_plan(plan: Plan, len_in: int) -> Plan:
@@ -88,13 +117,22 @@ def _backward_plan(plan: Plan, len_in: int) -> Plan:
 def _conv_fwd_impl(u, k, bias, pre, post, cfg: OpConfig):
     plan = cfg.plan
     spec = monarch.filter_spectrum(k, plan)
-    y = _raw(cfg, _bhl(u), spec, plan, _bhl(pre), _bhl(post), bias)
-    return _blh(y).astype(u.dtype), spec
+    layout = cfg.layout
+    if cfg.impl == "pallas" and plan.stages == 2:  # bf16 stays bf16 through the (layout) transposes and the kernel
+        from kernels.fftconv.pallas import conv_fused
+
+        io = functools.partial(_fused_io, layout=layout)
+        y = conv_fused(io(u), spec, plan, io(pre), io(post), bias, out_dtype=u.dtype, channels_first=layout == "hbl",
+                       interpret=cfg.interpret, precision=cfg.precision)
+        return io(y), spec
+    y = _raw(cfg, _bhl(u, layout), spec, plan, _bhl(pre, layout), _bhl(post, layout), bias)
+    return _from_bhl(y, layout).astype(u.dtype), spec
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def monarch_conv(u, k, bias, pre, post, cfg: OpConfig):
-    """Differentiable factorised conv; u (B, L_in, H) → (B, n_out, H) in u's dtype."""
+    """Differentiable factorised conv; u (B, L_in, H) → (B, n_out, H) in u's dtype (or (H, B, ·) for
+    cfg.layout "hbl")."""
     return _conv_fwd_impl(u, k, bias, pre, post, cfg)[0]
 
 
@@ -106,34 +144,56 @@ def _fwd(u, k, bias, pre, post, cfg):
 def _bwd(cfg: OpConfig, res, dy):
     u, k, bias, pre, post, spec = res
     plan = cfg.plan
-    len_in = u.shape[1]
-    ut, pret, postt, dyt = _bhl(u), _bhl(pre), _bhl(post), _bhl(dy)
+    layout = cfg.layout
+    len_in = u.shape[seq_axis(layout)]
+    if cfg.impl == "pallas" and plan.stages == 2:
+        from kernels.fftconv.pallas import conv_backward_fused
+
+        io = functools.partial(_fused_io, layout=layout)
+        du, dpre, dpost, dbias, prod = conv_backward_fused(io(u), spec, plan, io(pre), io(post), bias, io(dy),
+                                                           channels_first=layout == "hbl",
+                                                           interpret=cfg.interpret, precision=cfg.precision)
+        dk = _dk_from_spectrum_product(prod, plan, k, cfg.precision)
+        return io(du), dk, None if bias is None else dbias.astype(bias.dtype), io(dpre), io(dpost)
+    ut, pret, postt, dyt = (_bhl(a, layout) for a in (u, pre, post, dy))
     x = ut if pret is None else ut * pret
     dz = dyt if postt is None else dyt * postt
-    conj = (spec[0], -spec[1])
     bplan = _backward_plan(plan, len_in)
-    g = _raw(cfg, dz, conj, bplan, None, None, bias)  # (B, H, L_in)
+    if cfg.impl == "pallas":  # ≥ 3 stages: the three convolutions in one inner kernel
+        from kernels.fftconv.pallas import conv_backward_inner
+
+        g, z, prod = conv_backward_inner(x, dz, spec, plan, bplan, with_z=post is not None,
+                                         interpret=cfg.interpret, precision=cfg.precision)
+        if bias is not None:
+            b = bias.astype(jnp.float32)[:, None]
+            g = g + b * dz[..., :len_in]
+            z = None if z is None else z + b * x[..., : plan.n_out]
+    else:
+        g = _raw(cfg, dz, (spec[0], -spec[1]), bplan, None, None, bias)  # (B, H, L_in)
+        z = None if post is None else _raw(cfg, ut, spec, plan, pret, None, bias)
+        xr, xi = monarch.forward_real(x, plan, scaled=True, precision=cfg.precision)
+        dr, di = monarch.forward_real(dz, plan, scaled=True, rows=bplan.rows_in, precision=cfg.precision)
+        prod = (jnp.sum(xr * dr + xi * di, axis=0), jnp.sum(xr * di - xi * dr, axis=0))
     du = g if pret is None else g * pret
-    dpre = None if pre is None else _blh(g * ut).astype(pre.dtype)
-    dpost = None
-    if post is not None:
-        z = _raw(cfg, ut, spec, plan, pret, None, bias)
-        dpost = _blh(dyt * z).astype(post.dtype)
+    dpre = None if pre is None else _from_bhl(g * ut, layout).astype(pre.dtype)
+    dpost = None if post is None else _from_bhl(dyt * z, layout).astype(post.dtype)
     dbias = None
     if bias is not None:
         dbias = jnp.sum(dz * x[..., : plan.n_out], axis=(0, 2)).astype(bias.dtype)
-    # dk = Re IFFT(M · Σ_b conj X_b · DZ_b)[0:K]. Both spectra are scaled transforms (s each) and the
-    # inverse carries 1/(N·s), so the fp32 batch sums are rescaled by 1/s (folded into the mask).
-    xr, xi = monarch.forward_real(x, plan, scaled=True, precision=cfg.precision)
-    dr, di = monarch.forward_real(dz, plan, scaled=True, rows=bplan.rows_in, precision=cfg.precision)
+    dk = _dk_from_spectrum_product(prod, plan, k, cfg.precision)
+    return _from_bhl(du, layout).astype(u.dtype), dk, dbias, dpre, dpost
+
+
+def _dk_from_spectrum_product(prod, plan: Plan, k, precision: str = "fp32"):
+    """dk (K, H) in k's dtype = Re IFFT(M · Σ_b conj X_b · DZ_b)[0:K] from the batch-summed product planes
+    (H, *spectrum_shape) of two scaled transforms: each carries s and the inverse 1/(N·s), so the sums
+    are rescaled by 1/s (folded into the mask)."""
     m = monarch.mask_array(plan)
     rescale = 1.0 / monarch.forward_scale(plan)
     m = rescale if m is None else m * rescale
-    pr = jnp.sum(xr * dr + xi * di, axis=0) * m
-    pi = jnp.sum(xr * di - xi * dr, axis=0) * m
-    dk = monarch.inverse_real((pr, pi), plan, n_out=k.shape[0], precision=cfg.precision)  # (H, K)
-    dk = jnp.swapaxes(dk, 0, 1).astype(k.dtype)
-    return _blh(du).astype(u.dtype), dk, dbias, dpre, dpost
+    pr, pi = prod[0] * m, prod[1] * m
+    dk = monarch.inverse_real((pr, pi), plan, n_out=k.shape[0], precision=precision)  # (H, K)
+    return jnp.swapaxes(dk, 0, 1).astype(k.dtype)
 
 
 monarch_conv.defvjp(_fwd, _bwd)
@@ -155,29 +215,40 @@ def _static_mask(freq_mask):
 
 
 def fftconv_matmul(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, impl="xla-matmul",
-                   interpret=None, precision=None):
+                   interpret=None, precision=None, layout="blh"):
     """Factorised causal conv (impl "xla-matmul" or "pallas"); same contract as `fftconv_xla`.
 
     ``precision``: a `kernels.fftconv.precision` setting, None = the default for u's dtype.
+    ``layout``: axes of u, the gates and the result, "blh" (B, L, H) or "hbl" (H, B, L) (see LAYOUTS).
     """
     if impl not in MATMUL_IMPLS:
         raise ValueError(f"unknown matmul impl {impl!r}")
     if interpret is None:
         interpret = impl == "pallas" and jax.default_backend() == "cpu"
     precision = _precision.resolve(precision, u.dtype)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     return _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, freq_mask=_static_mask(freq_mask), impl=impl,
-                               interpret=bool(interpret), precision=precision)
+                               interpret=bool(interpret), precision=precision, layout=layout)
 
 
-@functools.partial(jax.jit, static_argnames=("freq_mask", "impl", "interpret", "precision"))
-def _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, *, freq_mask, impl, interpret, precision):
-    batch, seqlen, channels = u.shape
+@functools.partial(jax.jit, static_argnames=("freq_mask", "impl", "interpret", "precision", "layout"))
+def _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, *, freq_mask, impl, interpret, precision, layout):
+    seqlen = u.shape[seq_axis(layout)]
     ksize = k.shape[0]
     c = chunk_size(seqlen, ksize) if freq_mask is None else None
     if c is None:
         plan = monarch.make_plan(seqlen, ksize, seqlen, freq_mask)
-        return monarch_conv(u, k, bias, pre_gate, post_gate, OpConfig(impl, plan, bool(interpret), precision))
+        cfg = OpConfig(impl, plan, bool(interpret), precision, layout)
+        return monarch_conv(u, k, bias, pre_gate, post_gate, cfg)
+    if layout == "hbl":  # the chunked path works in (B, L, H)
+        to_blh = functools.partial(jnp.transpose, axes=(1, 2, 0))
+        u, pre_gate, post_gate = (None if a is None else to_blh(a) for a in (u, pre_gate, post_gate))
+        y = _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, freq_mask=None, impl=impl, interpret=interpret,
+                                precision=precision, layout="blh")
+        return jnp.transpose(y, (2, 0, 1))
     # Block-Toeplitz partial conv: chunks of C, each a full 2C-point linear conv, overlap-added.
+    batch, _, channels = u.shape
     plan = monarch.make_plan(c, ksize, 2 * c, n=2 * c)
     x = u.astype(jnp.float32)
     if pre_gate is not None:

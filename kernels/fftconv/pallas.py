@@ -11,6 +11,12 @@ Two kernels share one body shape, an order-2 "four-step" conv on a (f_a, f_b) ti
   einsums in their own pass (`monarch.forward_levels`); each remaining (f_{p-2}, f_{p-1}) row is an
   independent complex-input conv that this kernel does with the filter spectrum row, then XLA does the
   outer inverse stage(s), the real part, bias and gates.
+* fused backward (2-stage plans): one program per channel loops over the batch, reads u, the gates and
+  dy once, writes du, dpre, dpost once and accumulates dbias and dk's spectrum Σ_b conj(X_b)·DZ_b in
+  fp32, recomputing the forward transforms (nothing but the filter spectrum is saved by the forward).
+* inner backward (3-4 stages): after XLA's outer level(s) of x and dz, one kernel does the inner levels
+  of both, dk's spectrum, and the inverse inner levels of conj(K̂)·DZ (for du, dpre) and K̂·X (for
+  dpost): one kernel instead of three convolutions.
 
 Everything inside is 2-D dots on (re, im) planes (no complex dtypes) at a `precision` setting
 (`kernels.fftconv.precision`): the DFT matrices arrive already cast to the operand dtype (bf16/fp16),
@@ -76,14 +82,25 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return t
 
 
-def _compiler_params(backend: str | None = None):
+def _compiler_params(backend: str | None = None, num_warps: int = 4):
     """Triton on GPU: jax >= 0.10 lowers GPU Pallas through Mosaic GPU by default, where these kernels
     do not lower (lane-semantics dot_general, shared-memory limits); None elsewhere (TPU Mosaic, CPU)."""
     if (backend or jax.default_backend()) == "gpu":
         from jax.experimental.pallas import triton as pltriton
 
-        return pltriton.CompilerParams(num_warps=4, num_stages=1)
+        return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
     return None
+
+
+def _bwd_num_warps(tile: tuple[int, int], inner: bool = False) -> int:
+    """Warps for a backward kernel, which keeps about twice the forward's (f_a, f_b) planes live. Chosen
+    from ptxas for sm_90 at bf16 (results/fftconv/kernel_resources_sm90.md): 8 from 32×32 tiles on (4
+    warps spill 112 B/thread on the fused 32×64 tile and 108 B on the inner 32×32 tile; 8 warps: 0 and
+    12 B). Both spill on 64×64 tiles, the inner kernel less with 4 warps (864 B against 1,936 B)."""
+    size = tile[0] * tile[1]
+    if inner and size >= 4096:
+        return 4
+    return 8 if size >= 1024 else 4
 
 
 def _full_spec(arr):
@@ -96,49 +113,89 @@ def _full_spec(arr):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _fused_kernel(*refs, ht, has_pre, has_post, has_bias, precision):
+def _spectrum(x, c, precision):
+    """Scaled 2-stage transform of a real (rows, f1) tile: (F0·x ⊙ T0)·F1 as (re, im), (k0, k1)."""
+    dot = functools.partial(_dot, precision=precision)
+    a = (dot(c["f0r"][...], x), dot(c["f0i"][...], x))  # real input: 2 dots
+    a = _cmul(a, (c["t0r"][...], c["t0i"][...]))
+    return _cdot(a, (c["f1r"][...], c["f1i"][...]), precision)
+
+
+def _real_inverse(y, c, precision):
+    """Re of the inverse 2-stage transform of spectrum planes (k0, k1): a (rows_out, f1) tile."""
+    dot = functools.partial(_dot, precision=precision)
+    z = _cdot(y, (c["g1r"][...], c["g1i"][...]), precision)
+    z = _cmul(z, (c["s0r"][...], c["s0i"][...]))
+    return dot(c["g0r"][...], z[0]) - dot(c["g0i"][...], z[1])  # real part only: 2 dots
+
+
+_FUSED_CONSTANTS = ("f0r", "f0i", "t0r", "t0i", "f1r", "f1i", "g1r", "g1i", "s0r", "s0i", "g0r", "g0i")
+
+
+def _fused_constants(kplan: Plan, precision):
+    """The 12 constant planes of a 2-stage plan, in `_FUSED_CONSTANTS` order (DFT matrices pre-cast)."""
+    (f0p, tw0) = monarch.stage_constants(kplan, 0, scaled=True)
+    (f1p, _) = monarch.stage_constants(kplan, 1, scaled=True)
+    (g1p, _) = monarch.stage_constants(kplan, 1, inverse=True)
+    (g0p, tw0c) = monarch.stage_constants(kplan, 0, inverse=True)
+    dft = functools.partial(_dft_operands, precision=precision)
+    return [*dft(f0p), *tw0, *dft(f1p), *dft(g1p), *tw0c, *dft(g0p)]
+
+
+def _kernel_rows(rows: int, f0: int) -> int:
+    """Time rows a kernel tile holds: Triton wants power-of-two block dims and dots >= 16 (extra rows
+    are zeros on input and discarded on output)."""
+    return min(f0, next_power_of_two(max(rows, MIN_DOT)))
+
+
+def _load(ref, *idx):
+    """A data tile in fp32 (inputs arrive in their own dtype: bf16 in, bf16 out, no fp32 copies in HBM)."""
+    return ref[idx].astype(jnp.float32)
+
+
+def _take(it, *present):
+    """The next ref for each True flag and None for each False one (the refs of optional arguments)."""
+    return [next(it) if p else None for p in present]
+
+
+def _fused_kernel(*refs, ht, has_pre, has_post, has_bias, channels_first, precision):
     it = iter(refs)
-    x_ref = next(it)
-    pre_ref = next(it) if has_pre else None
-    post_ref = next(it) if has_post else None
-    bias_ref = next(it) if has_bias else None
-    kr_ref, ki_ref = next(it), next(it)
-    f0r, f0i, t0r, t0i, f1r, f1i, g1r, g1i, s0r, s0i, g0r, g0i = (next(it) for _ in range(12))
+    x_ref, pre_ref, post_ref, bias_ref, kr_ref, ki_ref = _take(it, True, has_pre, has_post, has_bias, True, True)
+    c = {name: next(it) for name in _FUSED_CONSTANTS}
     o_ref = next(it)
 
     def body(h, carry):
-        x = x_ref[0, h]
+        at = (h, 0) if channels_first else (0, h)
+        x = _load(x_ref, *at)
         if has_pre:
-            x = x * pre_ref[0, h]
-        dot = functools.partial(_dot, precision=precision)
-        a = (dot(f0r[...], x), dot(f0i[...], x))  # real input: 2 dots
-        a = _cmul(a, (t0r[...], t0i[...]))
-        b = _cdot(a, (f1r[...], f1i[...]), precision)
-        y = _cmul(b, (kr_ref[h], ki_ref[h]))
-        c = _cdot(y, (g1r[...], g1i[...]), precision)
-        c = _cmul(c, (s0r[...], s0i[...]))
-        out = dot(g0r[...], c[0]) - dot(g0i[...], c[1])  # real part only: 2 dots
+            x = x * _load(pre_ref, *at)
+        y = _cmul(_spectrum(x, c, precision), (kr_ref[h], ki_ref[h]))
+        out = _real_inverse(y, c, precision)
         if has_bias:
             out = out + bias_ref[h] * x
         if has_post:
-            out = out * post_ref[0, h]
-        o_ref[0, h] = out
+            out = out * _load(post_ref, *at)
+        o_ref[at] = out.astype(o_ref.dtype)
         return carry
 
     jax.lax.fori_loop(0, ht, body, 0)
 
 
-def _conv_fused(x, spec, plan: Plan, pre, post, bias, interpret, precision):
+def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype=jnp.float32,
+               channels_first=False, interpret=False, precision="fp32"):
+    """The gated conv of a 2-stage plan in one kernel: x, pre (B, H, L_in), post (B, H, n_out) in any float
+    dtype (cast to fp32 inside); returns (B, H, n_out) in out_dtype. channels_first: every (B, H, ·) is
+    (H, B, ·) instead (the "hbl" layout)."""
     batch, channels, _ = x.shape
+    if channels_first:
+        channels, batch = batch, channels
     f0, f1 = plan.factors
-    # Triton wants power-of-two block dims and dots >= 16: round the row counts up (extra rows are zeros
-    # on input and discarded on output).
-    rows_in = min(f0, next_power_of_two(max(plan.rows_in, MIN_DOT)))
-    rows_out = min(f0, next_power_of_two(max(plan.rows_out, MIN_DOT)))
+    rows_in = _kernel_rows(plan.rows_in, f0)
+    rows_out = _kernel_rows(plan.rows_out, f0)
     if bias is not None:
         rows_in = rows_out = max(rows_in, rows_out)
     kplan = dataclasses.replace(plan, rows_in=rows_in, rows_out=rows_out)
-    xs = monarch.pad_rows(x, kplan, rows_in)  # (B, H, rows_in, f1)
+    xs = monarch.pad_rows(x, kplan, rows_in)  # (B, H, rows_in, f1) (or (H, B, …))
     inputs = [xs]
     if pre is not None:
         inputs.append(monarch.pad_rows(pre, kplan, rows_in))
@@ -147,15 +204,12 @@ def _conv_fused(x, spec, plan: Plan, pre, post, bias, interpret, precision):
     if bias is not None:
         inputs.append(bias.astype(jnp.float32).reshape(channels, 1, 1))
     inputs += list(spec)
-    (f0p, tw0) = monarch.stage_constants(kplan, 0, scaled=True)
-    (f1p, _) = monarch.stage_constants(kplan, 1, scaled=True)
-    (g1p, _) = monarch.stage_constants(kplan, 1, inverse=True)
-    (g0p, tw0c) = monarch.stage_constants(kplan, 0, inverse=True)
-    dft = functools.partial(_dft_operands, precision=precision)
-    consts = [*dft(f0p), *tw0, *dft(f1p), *dft(g1p), *tw0c, *dft(g0p)]
+    consts = _fused_constants(kplan, precision)
     ht = _pow2_divisor(channels, 8)
 
     def seq_spec(rows):
+        if channels_first:
+            return pl.BlockSpec((ht, 1, rows, f1), lambda b, h: (h, b, 0, 0))
         return pl.BlockSpec((1, ht, rows, f1), lambda b, h: (b, h, 0, 0))
 
     in_specs = [seq_spec(rows_in)]
@@ -170,11 +224,12 @@ def _conv_fused(x, spec, plan: Plan, pre, post, bias, interpret, precision):
     in_specs += [_full_spec(c) for c in consts]
     kernel = functools.partial(
         _fused_kernel, ht=ht, has_pre=pre is not None, has_post=post is not None, has_bias=bias is not None,
-        precision=precision,
+        channels_first=channels_first, precision=precision,
     )
+    lead = (channels, batch) if channels_first else (batch, channels)
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((batch, channels, rows_out, f1), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((*lead, rows_out, f1), out_dtype),
         grid=(batch, channels // ht),
         in_specs=in_specs,
         out_specs=seq_spec(rows_out),
@@ -182,7 +237,126 @@ def _conv_fused(x, spec, plan: Plan, pre, post, bias, interpret, precision):
         compiler_params=None if interpret else _compiler_params(),
         name="fftconv_fused",
     )(*inputs, *consts)
-    return out.reshape(batch, channels, rows_out * f1)[..., : plan.n_out]
+    return out.reshape(*lead, rows_out * f1)[..., : plan.n_out]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused backward kernel: 2-stage plans, every gradient in one pass over u, the gates and dy.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _fused_bwd_kernel(*refs, batch, has_pre, has_post, has_bias, channels_first, precision):
+    it = iter(refs)
+    u_ref, pre_ref, post_ref, bias_ref, dy_ref, kr_ref, ki_ref = _take(it, True, has_pre, has_post, has_bias,
+                                                                       True, True, True)
+    c = {name: next(it) for name in _FUSED_CONSTANTS}
+    du_ref, dpre_ref, dpost_ref, dbias_ref, pr_ref, pi_ref = _take(it, True, has_pre, has_post, has_bias, True, True)
+
+    pr_ref[0] = jnp.zeros(pr_ref.shape[1:], jnp.float32)
+    pi_ref[0] = jnp.zeros(pi_ref.shape[1:], jnp.float32)
+    if has_bias:
+        dbias_ref[0] = jnp.zeros(dbias_ref.shape[1:], jnp.float32)
+
+    # Order chosen to keep few (k0, k1) planes live: DZ, then g from conj(K̂)·DZ, then X, then dk's
+    # spectrum Σ_b conj(X_b)·DZ_b (accumulated in fp32 in the output block), then z from K̂·X. K̂ is read
+    # from its block at each use rather than held across the loop.
+    def body(b, carry):
+        at = (0, b) if channels_first else (b, 0)
+        dz = _load(dy_ref, *at)
+        if has_post:
+            dz = dz * _load(post_ref, *at)
+        dr, di = _spectrum(dz, c, precision)
+        kr, ki = kr_ref[0], ki_ref[0]
+        g = _real_inverse((kr * dr + ki * di, kr * di - ki * dr), c, precision)
+        u = _load(u_ref, *at)
+        x = u * _load(pre_ref, *at) if has_pre else u
+        if has_bias:
+            g = g + bias_ref[0] * dz
+            dbias_ref[0] += dz * x
+        du_ref[at] = (g * _load(pre_ref, *at) if has_pre else g).astype(du_ref.dtype)
+        if has_pre:
+            dpre_ref[at] = (g * u).astype(dpre_ref.dtype)
+        xr, xi = _spectrum(x, c, precision)
+        pr_ref[0] += xr * dr + xi * di
+        pi_ref[0] += xr * di - xi * dr
+        if has_post:
+            z = _real_inverse(_cmul((xr, xi), (kr_ref[0], ki_ref[0])), c, precision)
+            if has_bias:
+                z = z + bias_ref[0] * x
+            dpost_ref[at] = (_load(dy_ref, *at) * z).astype(dpost_ref.dtype)
+        return carry
+
+    jax.lax.fori_loop(0, batch, body, 0)
+
+
+def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_first=False, interpret=False,
+                        precision="fp32"):
+    """Every gradient of `conv_fused` on a 2-stage plan from one kernel pass (see `conv` for the math).
+
+    u, pre (B, H, L_in), post, dy (B, H, n_out) in any float dtype (cast to fp32 inside; du, dpre, dpost
+    come back in u's, pre's and post's dtypes); spec the filter spectrum planes. One program per
+    channel loops over the batch: it reads u, the gates and dy once, writes du, dpre, dpost once, and
+    accumulates Σ_b dz ⊙ x (dbias) and Σ_b conj(X_b)·DZ_b (dk's spectrum) in fp32, recomputing the
+    forward transforms instead of storing them. Returns (du, dpre, dpost, dbias (H,) or None,
+    (pr, pi) (H, *plan.spectrum_shape), scaled like `monarch.forward_real`'s product of two scaled
+    transforms). channels_first: every (B, H, ·) is (H, B, ·) instead (the "hbl" layout).
+    """
+    batch, channels, len_in = u.shape
+    if channels_first:
+        channels, batch = batch, channels
+    lead = (channels, batch) if channels_first else (batch, channels)
+    f0, f1 = plan.factors
+    rows = _kernel_rows(max(plan.rows_in, plan.rows_out), f0)
+    kplan = dataclasses.replace(plan, rows_in=rows, rows_out=rows)
+    pad = functools.partial(monarch.pad_rows, plan=kplan, rows=rows)  # (B, H, rows, f1) (or (H, B, …))
+    inputs = [pad(u)]
+    if pre is not None:
+        inputs.append(pad(pre))
+    if post is not None:
+        inputs.append(pad(post))
+    if bias is not None:
+        inputs.append(bias.astype(jnp.float32).reshape(channels, 1, 1))
+    inputs += [pad(dy), *spec]
+    consts = _fused_constants(kplan, precision)
+    if channels_first:
+        seq = pl.BlockSpec((1, batch, rows, f1), lambda h: (h, 0, 0, 0))
+    else:
+        seq = pl.BlockSpec((batch, 1, rows, f1), lambda h: (0, h, 0, 0))
+    per_channel = pl.BlockSpec((1, rows, f1), lambda h: (h, 0, 0))
+    spec_block = pl.BlockSpec((1, *spec[0].shape[1:]), lambda h: (h, 0, 0))
+    in_specs = [seq] * (1 + (pre is not None) + (post is not None))
+    if bias is not None:
+        in_specs.append(pl.BlockSpec((1, 1, 1), lambda h: (h, 0, 0)))
+    in_specs += [seq, spec_block, spec_block] + [_full_spec(c) for c in consts]
+    spec_shape = jax.ShapeDtypeStruct(spec[0].shape, jnp.float32)
+    out_shapes = [jax.ShapeDtypeStruct((*lead, rows, f1), a.dtype) for a in (u, pre, post) if a is not None]
+    out_specs = [seq] * len(out_shapes)
+    if bias is not None:
+        out_shapes.append(jax.ShapeDtypeStruct((channels, rows, f1), jnp.float32))
+        out_specs.append(per_channel)
+    out_shapes += [spec_shape, spec_shape]
+    out_specs += [spec_block, spec_block]
+    kernel = functools.partial(_fused_bwd_kernel, batch=batch, has_pre=pre is not None, has_post=post is not None,
+                               has_bias=bias is not None, channels_first=channels_first, precision=precision)
+    outs = iter(pl.pallas_call(
+        kernel,
+        out_shape=tuple(out_shapes),
+        grid=(channels,),
+        in_specs=in_specs,
+        out_specs=tuple(out_specs),
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(num_warps=_bwd_num_warps(plan.factors)),
+        name="fftconv_fused_bwd",
+    )(*inputs, *consts))
+
+    def time(a, n):
+        return a.reshape(*lead, rows * f1)[..., :n]
+
+    du = time(next(outs), len_in)
+    dpre = time(next(outs), len_in) if pre is not None else None
+    dpost = time(next(outs), plan.n_out) if post is not None else None
+    dbias = jnp.sum(next(outs), axis=(1, 2)) if bias is not None else None
+    return du, dpre, dpost, dbias, (next(outs), next(outs))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -190,53 +364,93 @@ def _conv_fused(x, spec, plan: Plan, pre, post, bias, interpret, precision):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _inner_kernel(xr_ref, xi_ref, kr_ref, ki_ref, *refs, ht, rt, precision):
-    far, fai, tar, tai, fbr, fbi, gbr, gbi, sar, sai, gar, gai, or_ref, oi_ref = refs
-    cdot = functools.partial(_cdot, precision=precision)
+_INNER_CONSTANTS = ("far", "fai", "tar", "tai", "fbr", "fbi", "gbr", "gbi", "sar", "sai", "gar", "gai")
 
-    def row(h, r):
-        x = (xr_ref[0, h, r], xi_ref[0, h, r])
-        a = cdot((far[...], fai[...]), x)
-        a = _cmul(a, (tar[...], tai[...]))
-        b = cdot(a, (fbr[...], fbi[...]))
-        y = _cmul(b, (kr_ref[h, r], ki_ref[h, r]))
-        c = cdot(y, (gbr[...], gbi[...]))
-        c = _cmul(c, (sar[...], sai[...]))
-        o = cdot((gar[...], gai[...]), c)
-        or_ref[0, h, r] = o[0]
-        oi_ref[0, h, r] = o[1]
 
-    # Nested loops rather than i // rt, i % rt: Triton's lowering rejects the sign fix-ups of floor division.
+def _inner_constants(plan: Plan, precision):
+    """The 12 constant planes of the inner two levels, in `_INNER_CONSTANTS` order."""
+    p = plan.stages
+    (fap, tap) = monarch.stage_constants(plan, p - 2, scaled=True)
+    (fbp, _) = monarch.stage_constants(plan, p - 1, scaled=True)
+    (gbp, _) = monarch.stage_constants(plan, p - 1, inverse=True)
+    (gap, tac) = monarch.stage_constants(plan, p - 2, inverse=True)
+    dft = functools.partial(_dft_operands, precision=precision)
+    return [*dft(fap), *tap, *dft(fbp), *dft(gbp), *tac, *dft(gap)]
+
+
+def _inner_spectrum(x, c, precision):
+    """Inner two forward levels of one complex (f_a, f_b) row: (F_a·x ⊙ T_a)·F_b, (f_a, kept k_last)."""
+    a = _cdot((c["far"][...], c["fai"][...]), x, precision)
+    a = _cmul(a, (c["tar"][...], c["tai"][...]))
+    return _cdot(a, (c["fbr"][...], c["fbi"][...]), precision)
+
+
+def _inner_inverse(y, c, precision):
+    """Inner two inverse levels of one spectrum row: conj F_a·((y·conj F_b) ⊙ conj T_a), (f_a, f_b)."""
+    z = _cdot(y, (c["gbr"][...], c["gbi"][...]), precision)
+    z = _cmul(z, (c["sar"][...], c["sai"][...]))
+    return _cdot((c["gar"][...], c["gai"][...]), z, precision)
+
+
+def _over_rows(ht, rt, row):
+    """row(h, r) for every channel and row of a block. Nested loops rather than i // rt, i % rt: Triton's
+    lowering rejects the sign fix-ups of floor division."""
     def channel(h, carry):
-        def row_step(r, c):
+        def row_step(r, carry):
             row(h, r)
-            return c
+            return carry
 
         return jax.lax.fori_loop(0, rt, row_step, carry)
 
     jax.lax.fori_loop(0, ht, channel, 0)
 
 
-def _conv_inner(x, spec, plan: Plan, interpret, precision):
-    """Plans with ≥ 3 stages: outer levels in XLA, inner two levels in the Pallas kernel."""
+def _inner_kernel(xr_ref, xi_ref, kr_ref, ki_ref, *refs, ht, rt, precision):
+    c = dict(zip(_INNER_CONSTANTS, refs))
+    or_ref, oi_ref = refs[len(_INNER_CONSTANTS):]
+
+    def row(h, r):
+        y = _cmul(_inner_spectrum((xr_ref[0, h, r], xi_ref[0, h, r]), c, precision), (kr_ref[h, r], ki_ref[h, r]))
+        o = _inner_inverse(y, c, precision)
+        or_ref[0, h, r] = o[0]
+        oi_ref[0, h, r] = o[1]
+
+    _over_rows(ht, rt, row)
+
+
+def _outer_forward(x, plan: Plan, precision):
+    """The XLA outer level(s) of real x (B, H, L): planes (B, H, rows, f_a, f_b) for the inner kernels."""
     batch, channels, _ = x.shape
     p = plan.stages
+    z = monarch.forward_levels((monarch.pad_rows(x, plan), None), plan, 0, p - 2, scaled=True, precision=precision)
     fa, fb = plan.factors[-2], plan.factors[-1]
-    # z planes: (B, H, kept k_0, f_1, …, f_{p-3}, f_a (time), f_b (time)) after the outer levels
-    z = monarch.forward_levels(
-        (monarch.pad_rows(x, plan), None), plan, 0, p - 2, scaled=True, precision=precision
-    )
-    outer = z[0].shape[2:-2]
-    rows = int(np.prod(outer))
-    z = tuple(c.reshape(batch, channels, rows, fa, fb) for c in z)
-    sb = len(plan.keep_cols)
-    kr, ki = (c.reshape(channels, rows, fa, sb) for c in spec)
-    (fap, tap) = monarch.stage_constants(plan, p - 2, scaled=True)
-    (fbp, _) = monarch.stage_constants(plan, p - 1, scaled=True)
-    (gbp, _) = monarch.stage_constants(plan, p - 1, inverse=True)
-    (gap, tac) = monarch.stage_constants(plan, p - 2, inverse=True)
-    dft = functools.partial(_dft_operands, precision=precision)
-    consts = [*dft(fap), *tap, *dft(fbp), *dft(gbp), *tac, *dft(gap)]
+    return tuple(c.reshape(batch, channels, -1, fa, fb) for c in z)
+
+
+def _outer_inverse(o, plan: Plan, precision):
+    """Real (B, H, n_out) from the inner kernels' time rows (B, H, rows, f_a, f_b): XLA outer inverse."""
+    p = plan.stages
+    outer = (len(plan.keep_rows), *plan.factors[1:-2])
+    o = tuple(c.reshape(*c.shape[:2], *outer, c.shape[-2] * c.shape[-1]) for c in o)
+    out, _ = monarch.inverse_levels(o, plan, p - 3, 0, real_out=True, precision=precision)
+    return out[..., : plan.n_out]
+
+
+def _inner_inputs(x, spec, plan: Plan, precision):
+    """What the inner kernels read for x (B, H, L): the XLA outer level(s) of x as planes (B, H, rows,
+    f_a, f_b), the filter spectrum planes as (H, rows, f_a, kept k_last), and the 12 constants."""
+    z = _outer_forward(x, plan, precision)
+    _, channels, rows, fa, _ = z[0].shape
+    k = tuple(c.reshape(channels, rows, fa, len(plan.keep_cols)) for c in spec)
+    return z, k, _inner_constants(plan, precision)
+
+
+def conv_inner(x, spec, plan: Plan, *, interpret=False, precision="fp32"):
+    """(x ∗ k)[0:n_out] for a ≥ 3-stage plan, x (B, H, L_in) fp32 → (B, H, n_out) fp32: outer levels in XLA,
+    inner two levels in the Pallas kernel."""
+    z, (kr, ki), consts = _inner_inputs(x, spec, plan, precision)
+    batch, channels, rows, fa, fb = z[0].shape
+    sb = kr.shape[-1]
     ht = _pow2_divisor(channels, 4)
     rt = _pow2_divisor(rows, 8)
     data_spec = pl.BlockSpec((1, ht, rt, fa, fb), lambda b, h, r: (b, h, r, 0, 0))
@@ -252,20 +466,69 @@ def _conv_inner(x, spec, plan: Plan, interpret, precision):
         compiler_params=None if interpret else _compiler_params(),
         name="fftconv_inner",
     )(*z, kr, ki, *consts)
-    o = tuple(c.reshape(batch, channels, *outer, fa * fb) for c in o)
-    out, _ = monarch.inverse_levels(o, plan, p - 3, 0, real_out=True, precision=precision)
-    return out[..., : plan.n_out]
+    return _outer_inverse(o, plan, precision)
 
 
-def conv_pallas(x, spec, plan: Plan, pre=None, post=None, bias=None, *, interpret=False, precision="fp32"):
-    """post ⊙ ((pre⊙x ∗ k)[0:n_out] + bias ⊙ pre⊙x) for x (B, H, L_in) fp32; returns (B, H, n_out)."""
-    if plan.stages == 2:
-        return _conv_fused(x, spec, plan, pre, post, bias, interpret, precision)
-    if pre is not None:
-        x = x * pre
-    y = _conv_inner(x, spec, plan, interpret, precision)
-    if bias is not None:
-        y = y + bias.astype(jnp.float32)[:, None] * x[..., : plan.n_out]
-    if post is not None:
-        y = y * post
-    return y
+def _inner_bwd_kernel(*refs, batch, ht, rt, with_z, precision):
+    xr_ref, xi_ref, dr_ref, di_ref, kr_ref, ki_ref = refs[:6]
+    c = dict(zip(_INNER_CONSTANTS, refs[6:]))
+    outs = refs[6 + len(_INNER_CONSTANTS):]
+    gr_ref, gi_ref, pr_ref, pi_ref = outs[:4]
+    zr_ref, zi_ref = outs[4:] if with_z else (None, None)
+
+    def row(h, r):
+        kr, ki = kr_ref[h, r], ki_ref[h, r]
+        pr_ref[h, r] = jnp.zeros(pr_ref.shape[2:], jnp.float32)
+        pi_ref[h, r] = jnp.zeros(pi_ref.shape[2:], jnp.float32)
+
+        def sample(b, carry):
+            xr, xi = _inner_spectrum((xr_ref[b, h, r], xi_ref[b, h, r]), c, precision)
+            dr, di = _inner_spectrum((dr_ref[b, h, r], di_ref[b, h, r]), c, precision)
+            pr_ref[h, r] += xr * dr + xi * di  # Σ_b conj(X_b)·DZ_b, fp32
+            pi_ref[h, r] += xr * di - xi * dr
+            g = _inner_inverse((kr * dr + ki * di, kr * di - ki * dr), c, precision)  # conj(K̂)·DZ
+            gr_ref[b, h, r], gi_ref[b, h, r] = g
+            if with_z:
+                z = _inner_inverse(_cmul((xr, xi), (kr, ki)), c, precision)  # K̂·X
+                zr_ref[b, h, r], zi_ref[b, h, r] = z
+            return carry
+
+        jax.lax.fori_loop(0, batch, sample, 0)
+
+    _over_rows(ht, rt, row)
+
+
+def conv_backward_inner(x, dz, spec, plan: Plan, bplan: Plan, *, with_z=True, interpret=False, precision="fp32"):
+    """The three convolutions of the gradient of a ≥ 3-stage plan with ONE inner kernel.
+
+    x = pre ⊙ u (B, H, L_in), dz = dy ⊙ post (B, H, n_out) fp32. XLA runs the outer level(s) of x and dz;
+    one kernel (a program per channel tile and row tile, looping over the batch) transforms both rows,
+    accumulates Σ_b conj(X_b)·DZ_b (dk's spectrum) in fp32 and inverts conj(K̂)·DZ and (with_z) K̂·X;
+    XLA runs the outer inverses. Returns g = the correlation of dz with k (B, H, L_in), z = (x ∗ k)
+    (B, H, n_out) or None (no bias in either), and the product planes (H, *plan.spectrum_shape).
+    """
+    zx, (kr, ki), consts = _inner_inputs(x, spec, plan, precision)
+    zd = _outer_forward(dz, bplan, precision)
+    batch, channels, rows, fa, fb = zx[0].shape
+    sb = kr.shape[-1]
+    ht = _pow2_divisor(channels, 2)
+    rt = _pow2_divisor(rows, 2)
+    data_spec = pl.BlockSpec((batch, ht, rt, fa, fb), lambda h, r: (0, h, r, 0, 0))
+    k_spec = pl.BlockSpec((ht, rt, fa, sb), lambda h, r: (h, r, 0, 0))
+    data_shape = jax.ShapeDtypeStruct((batch, channels, rows, fa, fb), jnp.float32)
+    k_shape = jax.ShapeDtypeStruct((channels, rows, fa, sb), jnp.float32)
+    n_data = 4 if with_z else 2
+    outs = pl.pallas_call(
+        functools.partial(_inner_bwd_kernel, batch=batch, ht=ht, rt=rt, with_z=with_z, precision=precision),
+        out_shape=(data_shape,) * 2 + (k_shape,) * 2 + (data_shape,) * (n_data - 2),
+        grid=(channels // ht, rows // rt),
+        in_specs=[data_spec] * 4 + [k_spec] * 2 + [_full_spec(c) for c in consts],
+        out_specs=(data_spec,) * 2 + (k_spec,) * 2 + (data_spec,) * (n_data - 2),
+        interpret=interpret,
+        compiler_params=None if interpret else _compiler_params(num_warps=_bwd_num_warps((fa, fb), inner=True)),
+        name="fftconv_inner_bwd",
+    )(*zx, *zd, kr, ki, *consts)
+    g = _outer_inverse(outs[0:2], bplan, precision)
+    z = _outer_inverse(outs[4:6], plan, precision) if with_z else None
+    shape = (channels, *plan.spectrum_shape)
+    return g, z, (outs[2].reshape(shape), outs[3].reshape(shape))

@@ -34,7 +34,8 @@ from flax import nnx
 from kernels.fftconv import fftconv
 from lm.config import ConfigError
 from lm.mixers.filters import ImplicitFilterOptions
-from lm.mixers.layers import ShortConv, check_seqlen, dense, out_proj_std
+from lm.mixers.layers import (ShortConv, check_seqlen, dense, linear_channels_first, linear_from_channels_first,
+                              out_proj_std)
 from lm.mixers.registry import register_mixer
 
 
@@ -44,7 +45,10 @@ class HyenaConfig(ImplicitFilterOptions):
 
     order: see module docstring; convention: "safari" | "paper"; short_filter_order: length of the
     depthwise short conv; dropout: on conv inputs; init_std: std of in_proj (out_proj uses
-    init_std/√(2·n_layers)). Implicit-filter options: see `ImplicitFilterOptions`.
+    init_std/√(2·n_layers)); layout: "blh" computes the gated convolutions on (B, L, D) activations,
+    "hbl" on (D, B, L) (in_proj writes that layout and out_proj reads it, each one GEMM: the order of
+    the fused Pallas fftconv kernels, which then run with no transposes around them; same function and
+    parameters). Implicit-filter options: see `ImplicitFilterOptions`.
     """
 
     order: int = 2
@@ -52,8 +56,11 @@ class HyenaConfig(ImplicitFilterOptions):
     short_filter_order: int = 3
     dropout: float = 0.0
     init_std: float = 0.02
+    layout: Literal["blh", "hbl"] = "blh"
 
     def validate(self) -> None:
+        if self.layout not in ("blh", "hbl"):
+            raise ConfigError(f"hyena: layout must be 'blh' or 'hbl', got {self.layout!r}")
         if self.convention not in ("safari", "paper"):
             raise ConfigError(f"hyena: convention must be 'safari' or 'paper', got {self.convention!r}")
         min_order = 2 if self.convention == "safari" else 1
@@ -108,17 +115,23 @@ class Hyena(nnx.Module):
         return {f"filter_{o}": self.bias[...][o * d:(o + 1) * d] for o in range(self.n_filters)}
 
     def _conv(self, z, h, b, pre=None, post=None):
+        layout = self.cfg.layout
         if self.cfg.dropout > 0.0:
             if pre is not None:
                 z = z * pre
-            return fftconv(self.dropout(z), h, b, post_gate=post)
-        return fftconv(z, h, b, pre_gate=pre, post_gate=post)
+            return fftconv(self.dropout(z), h, b, post_gate=post, layout=layout)
+        return fftconv(z, h, b, pre_gate=pre, post_gate=post, layout=layout)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         seqlen = x.shape[1]
         check_seqlen(seqlen, self.max_len, "hyena")
-        u = self.short_conv(self.in_proj(x.astype(self.dtype)))
-        parts = jnp.split(u, self.cfg.order + 1, axis=-1)
+        x = x.astype(self.dtype)
+        channels_first = self.cfg.layout == "hbl"
+        if channels_first:
+            u = self.short_conv(linear_channels_first(self.in_proj, x), channels_first=True)
+        else:
+            u = self.short_conv(self.in_proj(x))
+        parts = jnp.split(u, self.cfg.order + 1, axis=0 if channels_first else -1)
         h = self.filter(seqlen)
         d = self.d_model
         bias = self.bias[...]
@@ -132,4 +145,4 @@ class Hyena(nnx.Module):
             v, gates = parts[0], parts[1:]
             for o, gate in enumerate(gates):
                 v = self._conv(v, h[:, o * d:(o + 1) * d], bias[o * d:(o + 1) * d], post=gate)
-        return self.out_proj(v)
+        return linear_from_channels_first(self.out_proj, v) if channels_first else self.out_proj(v)

@@ -7,7 +7,10 @@ through `kernels.fftconv.fftconv` (fp32 inside, returns the input dtype).
 Names exported (stable; other mixer modules import them):
 - `dense(in, out, *, dtype, rngs, std=0.02, use_bias=True)`: `nnx.Linear`, kernel N(0, std²), zero bias.
 - `out_proj_std(n_layers, std=0.02)`: GPT-2/safari residual-branch init std/sqrt(2·n_layers).
-- `ShortConv(channels, kernel_size, *, dtype, rngs)`: causal depthwise FIR with bias.
+- `ShortConv(channels, kernel_size, *, dtype, rngs)`: causal depthwise FIR with bias ((B, L, C), or
+  (C, B, L) with ``channels_first=True``).
+- `linear_channels_first(layer, x)` / `linear_from_channels_first(layer, z)`: an `nnx.Linear` from
+  (B, L, D) to (C, B, L) and back, each one GEMM (the "hbl" layout of `kernels.fftconv`).
 - `check_seqlen(seqlen, max_len, who)`: ValueError naming L and max_len when L > max_len.
 - `headwise_outer_conv(q, k, v, filt, skip, num_heads)`: per-head y_t = q_tᵀ[(h ∗ k vᵀ)_t + D k_t v_tᵀ]
   (MultiHyena and H3 with head_dim > 1), one filter per head broadcast to its N² channels.
@@ -79,18 +82,38 @@ class ShortConv(nnx.Module):
         """Causal FIR taps (K, C): y_t = bias + Σ_s taps[s] · x_{t-s}."""
         return jnp.flip(self.kernel[...], axis=0)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if x.ndim != 3 or x.shape[-1] != self.channels:
-            raise ValueError(f"ShortConv: expected (batch, length, {self.channels}) input, got {x.shape}")
+    def __call__(self, x: jax.Array, *, channels_first: bool = False) -> jax.Array:
+        """x (B, L, C), or (C, B, L) when channels_first; returns the same layout in ``dtype``."""
+        channel_axis, time_axis = (0, 2) if channels_first else (2, 1)
+        if x.ndim != 3 or x.shape[channel_axis] != self.channels:
+            expected = f"({self.channels}, batch, length)" if channels_first else f"(batch, length, {self.channels})"
+            raise ValueError(f"ShortConv: expected {expected} input, got {x.shape}")
         # Shifted multiply-adds: K is short, and this fuses into one elementwise pass on every backend
         # (XLA's grouped convolution and its gradient are ~30x slower on CPU).
         x = x.astype(self.dtype)
         taps = self.taps().astype(self.dtype)
-        seqlen = x.shape[1]
+        bias = self.bias[...].astype(self.dtype)
+        if channels_first:
+            taps, bias = taps[:, :, None, None], bias[:, None, None]
+        seqlen = x.shape[time_axis]
         y = x * taps[0]
         for shift in range(1, self.kernel_size):
-            y = y + jnp.pad(x, ((0, 0), (shift, 0), (0, 0)))[:, :seqlen] * taps[shift]
-        return y + self.bias[...].astype(self.dtype)
+            pad = [(0, 0)] * 3
+            pad[time_axis] = (shift, 0)
+            y = y + jax.lax.slice_in_dim(jnp.pad(x, pad), 0, seqlen, axis=time_axis) * taps[shift]
+        return y + bias
+
+
+def linear_channels_first(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+    """``layer(x)`` for x (B, L, D), returned as (C, B, L): one GEMM W^T·x^T, computed in layer.dtype."""
+    x, kernel, bias = layer.promote_dtype((x, layer.kernel[...], layer.bias[...]), dtype=layer.dtype)
+    return jnp.einsum("bld,dc->cbl", x, kernel) + bias[:, None, None]
+
+
+def linear_from_channels_first(layer: nnx.Linear, z: jax.Array) -> jax.Array:
+    """``layer`` applied to z (C, B, L) along C, returned as (B, L, D): one GEMM z^T·W."""
+    z, kernel, bias = layer.promote_dtype((z, layer.kernel[...], layer.bias[...]), dtype=layer.dtype)
+    return jnp.einsum("cbl,cd->bld", z, kernel) + bias
 
 
 def headwise_outer_conv(q, k, v, filt, skip, num_heads: int):
