@@ -5,7 +5,8 @@
 Layout: u (B, L, H) in bf16/fp16/fp32; k (K, H) with 1 <= K <= L (K < L is a partial filter);
 bias (H,) the D skip; gates (B, L, H). `layout="hbl"` takes u, the gates and the result as (H, B, L)
 instead: the fused Pallas kernels' own order (no transposes around them; a mixer's projections to and
-from (H, B·L) are plain GEMMs); other paths transpose internally. Computes, in fp32,
+from (H, B·L) can be GEMMs with no separate transpose pass); other paths transpose internally.
+Computes, in fp32,
     y = post ⊙ (k ∗ (pre ⊙ u) + bias ⊙ (pre ⊙ u)),   (k ∗ x)_t = Σ_{s<=min(t, K-1)} k_s x_{t-s},
 and returns u's dtype. Bad shapes, dtypes and lengths raise `FFTConvError` naming the problem.
 

@@ -51,7 +51,7 @@ class OpConfig:
 
 
 # Axis order of u, the gates and the output. "hbl" is the fused kernels' native order (no transposes:
-# each channel's sequence is contiguous, and a mixer's in/out projections to and from (H, B·L) are plain
+# each channel's sequence is contiguous, and a mixer's in/out projections to and from (H, B·L) can be plain
 # GEMMs); every other path transposes to (B, H, L) internally.
 LAYOUTS = ("blh", "hbl")
 

@@ -46,7 +46,7 @@ class HyenaConfig(ImplicitFilterOptions):
     order: see module docstring; convention: "safari" | "paper"; short_filter_order: length of the
     depthwise short conv; dropout: on conv inputs; init_std: std of in_proj (out_proj uses
     init_std/√(2·n_layers)); layout: "blh" computes the gated convolutions on (B, L, D) activations,
-    "hbl" on (D, B, L) (in_proj writes that layout and out_proj reads it, each one GEMM: the order of
+    "hbl" on (D, B, L) (in_proj writes that layout and out_proj reads it, each a single einsum: the order of
     the fused Pallas fftconv kernels, which then run with no transposes around them; same function and
     parameters). Implicit-filter options: see `ImplicitFilterOptions`.
     """

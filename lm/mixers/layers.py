@@ -10,7 +10,7 @@ Names exported (stable; other mixer modules import them):
 - `ShortConv(channels, kernel_size, *, dtype, rngs)`: causal depthwise FIR with bias ((B, L, C), or
   (C, B, L) with ``channels_first=True``).
 - `linear_channels_first(layer, x)` / `linear_from_channels_first(layer, z)`: an `nnx.Linear` from
-  (B, L, D) to (C, B, L) and back, each one GEMM (the "hbl" layout of `kernels.fftconv`).
+  (B, L, D) to (C, B, L) and back, each one einsum (the "hbl" layout of `kernels.fftconv`).
 - `check_seqlen(seqlen, max_len, who)`: ValueError naming L and max_len when L > max_len.
 - `headwise_outer_conv(q, k, v, filt, skip, num_heads)`: per-head y_t = q_tᵀ[(h ∗ k vᵀ)_t + D k_t v_tᵀ]
   (MultiHyena and H3 with head_dim > 1), one filter per head broadcast to its N² channels.
@@ -105,13 +105,13 @@ class ShortConv(nnx.Module):
 
 
 def linear_channels_first(layer: nnx.Linear, x: jax.Array) -> jax.Array:
-    """``layer(x)`` for x (B, L, D), returned as (C, B, L): one GEMM W^T·x^T, computed in layer.dtype."""
+    """``layer(x)`` for x (B, L, D), returned as (C, B, L): the GEMM W^T·x^T, computed in layer.dtype."""
     x, kernel, bias = layer.promote_dtype((x, layer.kernel[...], layer.bias[...]), dtype=layer.dtype)
     return jnp.einsum("bld,dc->cbl", x, kernel) + bias[:, None, None]
 
 
 def linear_from_channels_first(layer: nnx.Linear, z: jax.Array) -> jax.Array:
-    """``layer`` applied to z (C, B, L) along C, returned as (B, L, D): one GEMM z^T·W."""
+    """``layer`` applied to z (C, B, L) along C, returned as (B, L, D): the GEMM z^T·W."""
     z, kernel, bias = layer.promote_dtype((z, layer.kernel[...], layer.bias[...]), dtype=layer.dtype)
     return jnp.einsum("cbl,cd->bld", z, kernel) + bias
 
