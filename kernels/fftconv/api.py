@@ -56,10 +56,9 @@ _INPUT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 def _xla(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None, layout="blh"):
     del precision  # jnp.fft is fp32 at every setting
-    if layout == "hbl":  # jnp.fft path in (B, L, H)
-        to_blh = functools.partial(jnp.transpose, axes=(1, 2, 0))
-        u, pre_gate, post_gate = (None if a is None else to_blh(a) for a in (u, pre_gate, post_gate))
-        return jnp.transpose(_xla(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask), (2, 0, 1))
+    if layout != "blh":  # the jnp.fft path works in (B, L, H)
+        u, pre_gate, post_gate = (_conv.as_blh(a, layout) for a in (u, pre_gate, post_gate))
+        return _conv.from_blh(_xla(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask), layout)
     if freq_mask is None:
         return fftconv_xla(u, k, bias, pre_gate, post_gate)
     return _conv.fftconv_xla_masked(u, k, bias, pre_gate, post_gate, freq_mask=freq_mask)
@@ -95,7 +94,7 @@ def _check_array(name: str, x) -> None:
         raise FFTConvError(f"fftconv: {name} must be a jax or numpy array, got {type(x).__name__}")
 
 
-_LAYOUT_NAMES = {"blh": "(batch, length, channels)", "hbl": "(channels, batch, length)"}
+_LAYOUT_NAMES = {"blh": "(batch, length, channels)", "hbl": "(channels, batch, length)"}  # one per conv.LAYOUTS
 
 
 def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None, precision=None, layout="blh") -> None:
@@ -103,8 +102,8 @@ def validate(u, k, bias=None, pre_gate=None, post_gate=None, freq_mask=None, pre
     for name, x in (("u", u), ("k", k), ("bias", bias), ("pre_gate", pre_gate), ("post_gate", post_gate)):
         if x is not None:
             _check_array(name, x)
-    if layout not in _LAYOUT_NAMES:
-        raise FFTConvError(f"fftconv: unknown layout {layout!r}; choose one of {sorted(_LAYOUT_NAMES)}")
+    if layout not in _conv.LAYOUTS:
+        raise FFTConvError(f"fftconv: unknown layout {layout!r}; choose one of {sorted(_conv.LAYOUTS)}")
     if getattr(u, "ndim", None) != 3:
         raise FFTConvError(f"fftconv: u must have shape {_LAYOUT_NAMES[layout]}; got shape {jnp.shape(u)}")
     if getattr(k, "ndim", None) != 2:
@@ -232,7 +231,7 @@ def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, i
     if check_finite:
         raise_if_non_finite(u, k, bias, pre_gate, post_gate)
     if impl == "auto":
-        seqlen = u.shape[layout.index("l")]
+        seqlen = u.shape[_conv.seq_axis(layout)]
         impl = _AUTO_OVERRIDE[-1] if _AUTO_OVERRIDE else default_impl(seqlen, jax.default_backend(), k.shape[0],
                                                                       u.dtype)
     if impl not in IMPLEMENTATIONS:

@@ -106,6 +106,16 @@ def seq_axis(layout: str) -> int:
     return layout.index("l")
 
 
+def as_blh(a, layout: str):
+    """u/gate in `layout` → (B, L, H) for the paths that work in that order (None stays None)."""
+    return a if a is None or layout == "blh" else jnp.transpose(a, (1, 2, 0))
+
+
+def from_blh(a, layout: str):
+    """(B, L, H) → `layout`."""
+    return a if layout == "blh" else jnp.transpose(a, (2, 0, 1))
+
+
 def _backward_plan(plan: Plan, len_in: int) -> Plan:
     """Same FFT, input = the n_out-long cotangent, output = the len_in-long input gradient."""
     rest0 = plan.rest0
@@ -241,12 +251,11 @@ def _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, *, freq_mask, impl, int
         plan = monarch.make_plan(seqlen, ksize, seqlen, freq_mask)
         cfg = OpConfig(impl, plan, bool(interpret), precision, layout)
         return monarch_conv(u, k, bias, pre_gate, post_gate, cfg)
-    if layout == "hbl":  # the chunked path works in (B, L, H)
-        to_blh = functools.partial(jnp.transpose, axes=(1, 2, 0))
-        u, pre_gate, post_gate = (None if a is None else to_blh(a) for a in (u, pre_gate, post_gate))
+    if layout != "blh":  # the chunked path works in (B, L, H)
+        u, pre_gate, post_gate = (as_blh(a, layout) for a in (u, pre_gate, post_gate))
         y = _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, freq_mask=None, impl=impl, interpret=interpret,
                                 precision=precision, layout="blh")
-        return jnp.transpose(y, (2, 0, 1))
+        return from_blh(y, layout)
     # Block-Toeplitz partial conv: chunks of C, each a full 2C-point linear conv, overlap-added.
     batch, _, channels = u.shape
     plan = monarch.make_plan(c, ksize, 2 * c, n=2 * c)

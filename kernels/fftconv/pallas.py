@@ -158,6 +158,12 @@ def _take(it, *present):
     return [next(it) if p else None for p in present]
 
 
+def _batch_channels(x, channels_first: bool):
+    """(batch, channels, the two leading dims as stored) of a (B, H, L) or, channels_first, (H, B, L) array."""
+    lead = tuple(x.shape[:2])
+    return (*(lead[::-1] if channels_first else lead), lead)
+
+
 def _fused_kernel(*refs, ht, has_pre, has_post, has_bias, channels_first, precision):
     it = iter(refs)
     x_ref, pre_ref, post_ref, bias_ref, kr_ref, ki_ref = _take(it, True, has_pre, has_post, has_bias, True, True)
@@ -186,9 +192,7 @@ def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype
     """The gated conv of a 2-stage plan in one kernel: x, pre (B, H, L_in), post (B, H, n_out) in any float
     dtype (cast to fp32 inside); returns (B, H, n_out) in out_dtype. channels_first: every (B, H, ·) is
     (H, B, ·) instead (the "hbl" layout)."""
-    batch, channels, _ = x.shape
-    if channels_first:
-        channels, batch = batch, channels
+    batch, channels, lead = _batch_channels(x, channels_first)
     f0, f1 = plan.factors
     rows_in = _kernel_rows(plan.rows_in, f0)
     rows_out = _kernel_rows(plan.rows_out, f0)
@@ -226,7 +230,6 @@ def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype
         _fused_kernel, ht=ht, has_pre=pre is not None, has_post=post is not None, has_bias=bias is not None,
         channels_first=channels_first, precision=precision,
     )
-    lead = (channels, batch) if channels_first else (batch, channels)
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((*lead, rows_out, f1), out_dtype),
@@ -258,8 +261,8 @@ def _fused_bwd_kernel(*refs, batch, has_pre, has_post, has_bias, channels_first,
         dbias_ref[0] = jnp.zeros(dbias_ref.shape[1:], jnp.float32)
 
     # Order chosen to keep few (k0, k1) planes live: DZ, then g from conj(K̂)·DZ, then X, then dk's
-    # spectrum Σ_b conj(X_b)·DZ_b (accumulated in fp32 in the output block), then z from K̂·X. K̂ is read
-    # from its block at each use rather than held across the loop.
+    # spectrum Σ_b conj(X_b)·DZ_b (accumulated in fp32 in the output block), then z from K̂·X. K̂ and dy
+    # are read again at their later uses rather than held live across the transforms.
     def body(b, carry):
         at = (0, b) if channels_first else (b, 0)
         dz = _load(dy_ref, *at)
@@ -269,11 +272,12 @@ def _fused_bwd_kernel(*refs, batch, has_pre, has_post, has_bias, channels_first,
         kr, ki = kr_ref[0], ki_ref[0]
         g = _real_inverse((kr * dr + ki * di, kr * di - ki * dr), c, precision)
         u = _load(u_ref, *at)
-        x = u * _load(pre_ref, *at) if has_pre else u
+        pre = _load(pre_ref, *at) if has_pre else None
+        x = u * pre if has_pre else u
         if has_bias:
             g = g + bias_ref[0] * dz
             dbias_ref[0] += dz * x
-        du_ref[at] = (g * _load(pre_ref, *at) if has_pre else g).astype(du_ref.dtype)
+        du_ref[at] = (g * pre if has_pre else g).astype(du_ref.dtype)
         if has_pre:
             dpre_ref[at] = (g * u).astype(dpre_ref.dtype)
         xr, xi = _spectrum(x, c, precision)
@@ -301,10 +305,8 @@ def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_fi
     (pr, pi) (H, *plan.spectrum_shape), scaled like `monarch.forward_real`'s product of two scaled
     transforms). channels_first: every (B, H, ·) is (H, B, ·) instead (the "hbl" layout).
     """
-    batch, channels, len_in = u.shape
-    if channels_first:
-        channels, batch = batch, channels
-    lead = (channels, batch) if channels_first else (batch, channels)
+    batch, channels, lead = _batch_channels(u, channels_first)
+    len_in = u.shape[-1]
     f0, f1 = plan.factors
     rows = _kernel_rows(max(plan.rows_in, plan.rows_out), f0)
     kplan = dataclasses.replace(plan, rows_in=rows, rows_out=rows)

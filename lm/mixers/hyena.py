@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels.fftconv import fftconv
+from kernels.fftconv.conv import LAYOUTS
 from lm.config import ConfigError
 from lm.mixers.filters import ImplicitFilterOptions
 from lm.mixers.layers import (ShortConv, check_seqlen, dense, linear_channels_first, linear_from_channels_first,
@@ -59,8 +60,8 @@ class HyenaConfig(ImplicitFilterOptions):
     layout: Literal["blh", "hbl"] = "blh"
 
     def validate(self) -> None:
-        if self.layout not in ("blh", "hbl"):
-            raise ConfigError(f"hyena: layout must be 'blh' or 'hbl', got {self.layout!r}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"hyena: layout must be one of {LAYOUTS}, got {self.layout!r}")
         if self.convention not in ("safari", "paper"):
             raise ConfigError(f"hyena: convention must be 'safari' or 'paper', got {self.convention!r}")
         min_order = 2 if self.convention == "safari" else 1
