@@ -150,7 +150,7 @@ def markdown(rows: list[dict], machine: str) -> str:
         if r.get("hyena_layout") not in (None, "blh"):
             conv += f" ({r['hyena_layout']})"
         if "error" in r:
-            lines.append(f"| {r['model']} | {conv} | {r['seqlen']} | {r['batch']} | {r['error'][:60]} | | | | | |")
+            lines.append(f"| {r['model']} | {conv} | {r['seqlen']} | {r['batch']} | {r['error'][:120]} | | | | | |")
             continue
         mem = f"{r['peak_memory_gib']:.1f}" if r["peak_memory_gib"] is not None else "n/a"
         lines.append(f"| {r['model']} | {conv} | {r['seqlen']} | {r['batch']} | {r['tokens_per_s']:,.0f} | "
@@ -189,10 +189,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from kernels.fftconv.bench import machine_info
 
+    info = machine_info()
+    machine = f"{info['device_kind']} ({info['backend']}), jax {info['jax']}, {info['time']}"
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     impls = args.fftconv_impls.split(",")
     layouts = args.hyena_layouts.split(",")
-    specs = [(name, seqlen, impl, layout) for name in args.models.split(",") for seqlen in seqlens
+    # Length outermost, so a run cut short (a time limit) still has every model at the first lengths.
+    specs = [(name, seqlen, impl, layout) for seqlen in seqlens for name in args.models.split(",")
              for impl in (impls if name == "hyena" else ["auto"]) for layout in (layouts if name == "hyena" else ["blh"])]
     for name, seqlen, impl, layout in specs:
         if args.tiny:  # in-process: fast; peak memory is not per row (CPU reports none anyway)
@@ -202,20 +207,20 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, __file__, "--row", f"{name}:{seqlen}:{impl}:{layout}", "--tokens-per-step", str(tokens),
                    "--steps", str(steps), "--warmup", str(args.warmup), "--matmul-size", str(matmul_size)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise SystemExit(f"row {name}:{seqlen}:{impl}:{layout} failed:\n{proc.stderr[-3000:]}")
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            if proc.returncode == 0:
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+            else:  # a failing row is a result; the others still run
+                row = {"model": name, "seqlen": seqlen, "batch": max(1, tokens // seqlen),
+                       "fftconv_impl": impl if name == "hyena" else None,
+                       "hyena_layout": layout if name == "hyena" else None,
+                       "error": "failed: " + " | ".join(proc.stderr.strip().splitlines()[-3:])[-500:]}
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "forward_flops_by_part"}), flush=True)
-    info = machine_info()
-    machine = f"{info['device_kind']} ({info['backend']}), jax {info['jax']}, {info['time']}"
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_lm_gpu.jsonl", "w") as fh:
-        fh.write(json.dumps({"machine": info}) + "\n")
-        for row in rows:
-            fh.write(json.dumps(row) + "\n")
-    (out / "bench_lm_gpu.md").write_text(markdown(rows, machine))
+        with open(out / "bench_lm_gpu.jsonl", "w") as fh:  # rewritten per row: a cut run keeps its rows
+            fh.write(json.dumps({"machine": info}) + "\n")
+            for done in rows:
+                fh.write(json.dumps(done) + "\n")
+        (out / "bench_lm_gpu.md").write_text(markdown(rows, machine))
     print(f"wrote {out / 'bench_lm_gpu.jsonl'} and {out / 'bench_lm_gpu.md'}")
     return 0
 

@@ -10,7 +10,7 @@ Toolchain (too heavy for CI; a Python 3.12 venv with the jax the GPU machines ru
 
     python3.12 -m venv /tmp/kvenv && /tmp/kvenv/bin/pip install "jax==0.11.2" triton ml_dtypes numpy
     JAX_PLATFORMS=cpu /tmp/kvenv/bin/python scripts/kernel_resources.py --out /tmp/kr [--lens 1024 4096]
-        [--precisions bf16 fp32] [--num-warps 4] [--fail-on-spill]
+        [--precisions bf16 fp32] [--num-warps 4] [--tuning fused_stack=4 num_warps=8] [--fail-on-spill]
 
 Prints one row per kernel (L, precision, kernel, grid, registers, stack, spill stores/loads, shared
 memory); --fail-on-spill exits 1 if any kernel spills. Uses private JAX hooks (the Triton lowering entry
@@ -121,6 +121,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-warps", type=int, default=None,
                         help="compile every kernel with this many warps (default: each kernel's own CompilerParams)")
     parser.add_argument("--backward", action="store_true", help="export the gradient too")
+    parser.add_argument("--tuning", nargs="*", default=[], metavar="FIELD=INT",
+                        help="kernels.fftconv.pallas.Tuning changes, e.g. fused_stack=4 num_warps=8")
     parser.add_argument("--fail-on-spill", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -128,6 +130,9 @@ def main(argv=None) -> int:
     if not patch_h200():
         print("note: this jax has no GPU-info table; kernels are lowered with its default GPU limits")
     captured = capture_ttir(out)
+    from kernels.fftconv import pallas
+
+    pallas.TUNING = pallas.Tuning(**{k: int(v) for k, v in (item.split("=") for item in args.tuning)})
     spilled = []
     print("| L | precision | kernel | grid | warps | regs | stack B | spill stores B | spill loads B | shared B |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -97,6 +97,25 @@ MUTATIONS = [
              'cand = generate_ids(candidate_decoder, prompts, new_tokens, greedy)["ids"]',
              'cand = generate_ids(reference_decoder, prompts, new_tokens, greedy)["ids"]',
              ("tests/test_distill_quality.py", "-k", "greedy_agreement")),
+    Mutation("sparse-digits-not-rounded-out", "kernels/fftconv/conv.py",
+             'min_keep=monarch.MIN_DOT if impl == "pallas" else 1)', "min_keep=1)",
+             ("tests/test_fftconv_lowering.py", "-k", "tensor_core")),
+    Mutation("bf16x3-split-by-round-trip", "kernels/fftconv/precision.py",
+             "    a = a.astype(jnp.float32)\n    bits =",
+             "    hi = a.astype(jnp.bfloat16)\n    return hi, (a.astype(jnp.float32) - hi.astype(jnp.float32)).astype(jnp.bfloat16)\n    bits =",
+             ("tests/test_fftconv_precision.py", "-k", "excess")),
+    Mutation("inner-planes-always-fp32", "kernels/fftconv/pallas.py",
+             "    low_precision_planes: bool = True", "    low_precision_planes: bool = False",
+             ("tests/test_fftconv_impls.py", "-k", "operand_dtype")),
+    Mutation("stacked-spectrum-not-regrouped", "kernels/fftconv/pallas.py",
+             ".transpose(0, 2, 1, 3).reshape(channels // cb, k0 * cb, k1)", ".reshape(channels // cb, k0 * cb, k1)",
+             ("tests/test_fftconv_impls.py", "-k", "stacked")),
+    Mutation("mqar-vmap-drops-stopped-members", "lm/mqar/runner.py",
+             'drop_stopped = member_loop_for(tc.member_loop) == "map"', "drop_stopped = True",
+             ("tests/test_mqar_vmap.py", "-k", "equals_runs and vmap")),
+    Mutation("mqar-frozen-members-checkpointed", "lm/mqar/runner.py",
+             "if len(slot) > len(active) and not drop_stopped:", "if False:",
+             ("tests/test_mqar_vmap.py", "-k", "frozen")),
 ]
 
 
@@ -124,7 +143,8 @@ def run_one(m: Mutation, timeout: float) -> tuple[str, str, float]:
             return "STALE", "", 0.0
         path.write_text(text.replace(m.old, m.new))
         env = {**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
-        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *m.tests]
+        # -n 0: one process (with xdist, -x ends a failing run as "interrupted", exit status 2)
+        cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-n", "0", "-p", "no:cacheprovider", *m.tests]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)

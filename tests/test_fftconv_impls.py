@@ -6,18 +6,19 @@ Data are unit-scale with long non-decaying filters, so an all-zero or short-rang
 from __future__ import annotations
 
 import functools
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.fftconv import fftconv, monarch
+from kernels.fftconv import fftconv, monarch, pallas
 from kernels.fftconv.conv import chunk_size
 from kernels.fftconv.reference import direct_causal_conv, direct_causal_conv_np
 
 from test_fftconv import BF16_TOL, FP32_TOL, make_inputs, rel_l2
+from test_fftconv_lowering import _kernel_dot_shapes
+from jaxpr_walk import kernel_calls, kernel_name
 
 IMPLS = ["xla", "xla-matmul", "pallas"]
 MATMUL = ["xla-matmul", "pallas"]
@@ -237,7 +238,7 @@ def test_freq_sparse_grads_match_xla_autodiff(impl):
 
 
 def _pallas_calls(fn, *args) -> list[str]:
-    return re.findall(r"name=(fftconv\w*)", str(jax.make_jaxpr(fn)(*args)))
+    return [kernel_name(eqn) for eqn in kernel_calls(fn, *args)]
 
 
 @pytest.mark.parametrize("seqlen,ksize,batch,kernels", [
@@ -263,21 +264,8 @@ def test_pallas_backward_kernels(seqlen, ksize, batch, kernels):
 
 def _kernel_io_dtypes(fn, *args) -> dict[str, tuple[set, set]]:
     """pallas_call name -> (dtypes of its (B, H, rows, f1) operands, dtypes of such outputs) in fn's jaxpr."""
-    found = {}
-
-    def visit(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "pallas_call":
-                tiles = lambda vs: {v.aval.dtype.name for v in vs if v.aval.ndim == 4}  # not constants or sums
-                name = str(eqn.params.get("name", eqn.params.get("name_and_src_info")))  # jax 0.10 / later
-                found[re.match(r"\w+", name).group()] = (tiles(eqn.invars), tiles(eqn.outvars))
-            for value in eqn.params.values():
-                inner = getattr(value, "jaxpr", value)
-                if hasattr(inner, "eqns"):
-                    visit(inner)
-
-    visit(jax.make_jaxpr(fn)(*args).jaxpr)
-    return found
+    tiles = lambda vs: {v.aval.dtype.name for v in vs if v.aval.ndim == 4}  # not constants or sums
+    return {kernel_name(eqn): (tiles(eqn.invars), tiles(eqn.outvars)) for eqn in kernel_calls(fn, *args)}
 
 
 def test_fused_kernels_read_and_write_bf16():
@@ -292,6 +280,81 @@ def test_fused_kernels_read_and_write_bf16():
     io = _kernel_io_dtypes(jax.grad(loss, argnums=(0, 1, 2)), u, pre, post)
     assert io["fftconv_fused"] == ({"bfloat16"}, {"bfloat16"})
     assert io["fftconv_fused_bwd"] == ({"bfloat16"}, {"bfloat16"})  # u, gates, dy in; du, dpre, dpost out
+
+
+@pytest.mark.parametrize("precision,planes", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32")])
+def test_inner_kernels_exchange_planes_in_the_operand_dtype(precision, planes):
+    """On ≥ 3-stage plans the planes between XLA's outer stages and the inner kernels (the HBM round trips
+    of that path) are stored in the dot operand dtype of 16-bit settings (half the bytes of fp32), fp32
+    for the others; only dk's spectrum sums stay fp32. `pallas.tuning(low_precision_planes=False)` keeps
+    fp32 (the A/B switch of scripts/gpu_kernel_sweep.py)."""
+    u, k, bias, pre, post = make_inputs(2, 5000, 4, 5000, seed=16, dtype=jnp.bfloat16)
+
+    def loss(u, pre, post):
+        y = fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl="pallas", precision=precision)
+        return jnp.sum(y.astype(jnp.float32))
+
+    def dtypes():
+        jax.clear_caches()
+        return {kernel_name(eqn): ({v.aval.dtype.name for v in eqn.invars if v.aval.ndim == 5},
+                                   [v.aval.dtype.name for v in eqn.outvars])
+                for eqn in kernel_calls(jax.grad(loss, argnums=(0, 1, 2)), u, pre, post)}
+
+    io = dtypes()
+    assert io["fftconv_inner"] == ({planes}, [planes, planes])
+    assert io["fftconv_inner_bwd"] == ({planes}, [planes, planes, "float32", "float32", planes, planes])
+    with pallas.tuning(low_precision_planes=False):
+        io = dtypes()
+    assert io["fftconv_inner"] == ({"float32"}, ["float32", "float32"])
+    jax.clear_caches()
+
+
+def _kernel_grids(fn, *args) -> dict[str, tuple]:
+    """pallas_call name -> its launch grid, in fn's jaxpr."""
+    return {kernel_name(eqn): tuple(eqn.params["grid_mapping"].grid) for eqn in kernel_calls(fn, *args)}
+
+
+@pytest.mark.parametrize("seqlen,kernel", [(300, "fftconv_fused"), (5000, "fftconv_inner")])
+def test_tuning_changes_the_launch_not_the_result(seqlen, kernel):
+    """`pallas.tuning` (the sweep knobs) changes the grid of the forward kernels; the output stays the same."""
+    u, k, bias, pre, post = make_inputs(2, seqlen, 8, seqlen, seed=17)
+
+    def run():
+        jax.clear_caches()
+        f = functools.partial(fftconv, impl="pallas")
+        grids = _kernel_grids(lambda *a: f(*a[:3], pre_gate=a[3], post_gate=a[4]), u, k, bias, pre, post)
+        return np.asarray(f(u, k, bias, pre_gate=pre, post_gate=post)), grids[kernel]
+
+    y0, grid0 = run()
+    with pallas.tuning(fused_channels=2, inner_channels=1, inner_rows=2):
+        y1, grid1 = run()
+    jax.clear_caches()
+    assert np.prod(grid1) > np.prod(grid0), (grid0, grid1)
+    assert np.array_equal(y0, y1)
+
+
+@pytest.mark.parametrize("layout", ["blh", "hbl"])
+def test_stacked_fused_kernel_matches_direct(layout):
+    """`tuning(fused_stack=4)`: the fused forward transforms 4 channels per dot (first-stage dots 4·f1 wide,
+    second-stage dots 4·f0 tall, as the kernel's jaxpr shows) and still computes the gated conv."""
+    u, k, bias, pre, post = make_inputs(3, 300, 8, 300, seed=18)
+    to = _hbl if layout == "hbl" else (lambda a: a)
+    args = (to(u), k, bias, to(pre), to(post))
+
+    def conv(u, k, bias, pre, post):
+        return fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl="pallas", layout=layout)
+
+    f0, f1 = monarch.make_plan(300, 300, 300).factors
+    jax.clear_caches()
+    with pallas.tuning(fused_stack=4):
+        shapes = set(_kernel_dot_shapes(conv, *args))
+        y = conv(*args)
+    jax.clear_caches()
+    assert any(b[-1] == 4 * f1 for _, b in shapes) and any(a[0] == 4 * f0 for a, _ in shapes), shapes
+    x = np.asarray(u, np.float64) * np.asarray(pre, np.float64)
+    ref = (fft_ref(x, k) + x * np.asarray(bias, np.float64)) * np.asarray(post, np.float64)
+    y = np.transpose(np.asarray(y), (1, 2, 0)) if layout == "hbl" else np.asarray(y)
+    assert rel_l2(y, ref) < FP32_TOL
 
 
 # --- layout "hbl" (channels first) ------------------------------------------------------------------------

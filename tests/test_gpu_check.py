@@ -107,3 +107,22 @@ def test_table_rows_need_their_keys(tmp_path):
     with pytest.raises(ValueError, match="lacks"):
         tuned.load(path)
     assert isinstance(tuned.load(), list)  # the committed table parses
+
+
+@pytest.mark.slow  # ~40 s: every launch variant compiled in interpret mode
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="smoke mode is the CPU rehearsal")
+def test_kernel_sweep_smoke_times_every_variant_against_the_default(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_kernel_sweep.py"
+    proc = subprocess.run([sys.executable, str(script), "--smoke", "--layouts", "hbl", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "kernel_sweep_cpu_smoke.jsonl").read_text().splitlines()][1:]
+    by_len = {L: {r["variant"] for r in rows if r["L"] == L and "ms" in r} for L in (256, 4096)}
+    assert {"xla", "default", "8 warps", "fused ch 2"} <= by_len[256] and "inner ch 1" not in by_len[256]
+    assert {"xla", "default", "fp32 planes", "inner ch 1", "inner rows 2"} <= by_len[4096]
+    assert all(r["ok"] for r in rows if "ms" in r)
+    assert (tmp_path / "kernel_sweep_cpu_smoke.png").stat().st_size > 0

@@ -105,15 +105,19 @@ def _train_alone(cfg, run, train, test, eval_steps):
 
 
 @pytest.mark.parametrize("member_loop", ["vmap", "map"])
-def test_vmapped_group_equals_runs_trained_alone(tmp_path, member_loop):
+def test_vmapped_group_equals_runs_trained_alone(tmp_path, monkeypatch, member_loop):
     """Four members (2 lrs x 2 seeds) in one step (vmapped, or mapped one after another) follow the
     trajectories of the same runs trained alone, for 200 steps; members that early-stop leave the stacked
-    step and the others go on unchanged."""
+    step (map) or stay in it frozen (vmap: the step compiles once), and the others go on unchanged."""
     cfg = _cfg(tmp_path, early_stop_acc=0.40, member_loop=member_loop)
     runs = runner.expand_grid(cfg)
     train = runner.make_split(cfg, runs[0].point, True)
     test = runner.make_split(cfg, runs[0].point, False)
+    built, build = [], runner._build_steps
+    monkeypatch.setattr(runner, "_build_steps", lambda *a: built.append(build(*a)) or built[-1])
     recs = runner.train_group(cfg, runs, train, test, progress=False)
+    compiles = built[0][0]._cache_size()
+    assert compiles == 1 if member_loop == "vmap" else compiles > 1, compiles
     by_key = {r["key"]: r for r in recs}
     assert sorted(by_key) == sorted(r.key for r in runs) and all(r["group_size"] == 4 for r in recs)
     stops = {r["stop"] for r in recs}
@@ -343,3 +347,25 @@ def test_member_loop_setting_picks_the_step_structure(tmp_path, setting, expecte
     lrs = jnp.asarray([r.lr for r in runs], jnp.float32)
     jaxpr = str(jax.make_jaxpr(train_step)(*state, lrs, data, np.arange(runs[0].point.batch_size)))
     assert ("scan[" in jaxpr) == (expected == "map")
+
+
+def test_frozen_members_are_not_checkpointed_and_a_rerun_resumes_the_rest(tmp_path, monkeypatch):
+    """vmap loop: a member that early-stops stays in the step frozen; Ctrl-C after that saves only the
+    members still training, and the rerun finishes them exactly as an uninterrupted run does."""
+    cfg = _cfg(tmp_path, early_stop_acc=0.40, member_loop="vmap", max_epochs=4)
+    runner.sweep(cfg, tmp_path / "ref", progress=False, report=False)
+    ref = _final(tmp_path / "ref" / "results.jsonl")
+    first_stop = min(r["steps"] for r in ref.values() if r["stop"] == "early_stop")
+    assert first_stop < max(r["steps"] for r in ref.values()), "needs a member that stops before the others"
+
+    out = tmp_path / "out"
+    _StepCounter(monkeypatch, interrupt_at=first_stop + 2)
+    with pytest.raises(KeyboardInterrupt):
+        runner.sweep(cfg, out, progress=False, report=False)
+    cut = runner.read_results(out / "results.jsonl")
+    assert {r["stop"] for r in cut} == {"early_stop", "interrupted"}
+    runner.sweep(cfg, out, progress=False, report=False)
+    resumed = _final(out / "results.jsonl")
+    assert sorted(resumed) == sorted(ref)
+    for key, rec in resumed.items():  # the resumed group is smaller: only group_size differs
+        assert {**_strip(rec), "group_size": 0} == {**_strip(ref[key]), "group_size": 0}

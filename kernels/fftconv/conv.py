@@ -248,7 +248,7 @@ def _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, *, freq_mask, impl, int
     ksize = k.shape[0]
     c = chunk_size(seqlen, ksize) if freq_mask is None else None
     if c is None:
-        plan = monarch.make_plan(seqlen, ksize, seqlen, freq_mask)
+        plan = monarch.make_plan(seqlen, ksize, seqlen, freq_mask, min_keep=monarch.MIN_DOT if impl == "pallas" else 1)
         cfg = OpConfig(impl, plan, bool(interpret), precision, layout)
         return monarch_conv(u, k, bias, pre_gate, post_gate, cfg)
     if layout != "blh":  # the chunked path works in (B, L, H)

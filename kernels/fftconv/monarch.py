@@ -114,8 +114,24 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def make_plan(len_in: int, ksize: int, n_out: int, freq_mask=None, n: int | None = None) -> Plan:
-    """Plan for y = (x ∗ k)[0:n_out], x of length len_in, k of length ksize, optional block mask."""
+# Smallest M, N and K of a kernel dot: Triton's tensor-core tl.dot needs 16 (an 8-wide bf16 dot compiled, ran
+# and gave wrong results on an H200), so the Pallas path pads time rows and rounds sparse digits up to it.
+MIN_DOT = 16
+
+
+def _round_out(kept: tuple[int, ...], size: int, minimum: int) -> tuple[int, ...]:
+    """`kept` digits plus the lowest others until there are min(minimum, size) (sorted)."""
+    extra = [i for i in range(size) if i not in kept][: max(0, min(minimum, size) - len(kept))]
+    return tuple(sorted((*kept, *extra)))
+
+
+def make_plan(len_in: int, ksize: int, n_out: int, freq_mask=None, n: int | None = None,
+              min_keep: int = 1) -> Plan:
+    """Plan for y = (x ∗ k)[0:n_out], x of length len_in, k of length ksize, optional block mask.
+
+    ``min_keep``: a frequency-sparse plan keeps at least this many first and last digits (the matmul
+    tile minimum: 16 for tensor-core dots in the Pallas kernels). Digits added to reach it are zeroed
+    by the residual mask, so the result is the same; only less of the work is skipped."""
     n = fft_size(len_in + ksize - 1) if n is None else n
     if n_out > n:
         raise ValueError(f"n_out={n_out} exceeds the FFT size {n}")
@@ -128,8 +144,8 @@ def make_plan(len_in: int, ksize: int, n_out: int, freq_mask=None, n: int | None
     if freq_mask is not None:
         grid = np.asarray(freq_mask, dtype=bool)
         dense = expand_block_mask(grid, f0, fl)  # (f0, fl) over (k_0, k_{p-1})
-        rows = tuple(int(r) for r in np.flatnonzero(dense.any(axis=1)))
-        cols = tuple(int(c) for c in np.flatnonzero(dense.any(axis=0)))
+        rows = _round_out(tuple(int(r) for r in np.flatnonzero(dense.any(axis=1))), f0, min_keep)
+        cols = _round_out(tuple(int(c) for c in np.flatnonzero(dense.any(axis=0))), fl, min_keep)
         sub = dense[np.ix_(rows, cols)]
         if not sub.all():
             mask = tuple(tuple(bool(v) for v in row) for row in sub)

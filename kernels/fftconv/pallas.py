@@ -22,21 +22,23 @@ Everything inside is 2-D dots on (re, im) planes (no complex dtypes) at a `preci
 (`kernels.fftconv.precision`): the DFT matrices arrive already cast to the operand dtype (bf16/fp16),
 the data are cast before each dot, accumulation is fp32, and twiddles, the spectrum product, bias and
 gates are fp32 on the accumulator.
-Dot dimensions are ≥ 16 and powers of two for dense plans (time rows are padded up to a power of
-two ≥ 16); frequency-sparse plans shrink the k-dimensions to the kept digits, so on GPU choose masks
-that keep a power-of-two number (≥ 16) of rows and of columns. Grid: (batch, channel tiles[, row tiles]); each
+Dot dimensions are ≥ 16 and powers of two: dense plans pad time rows up to a power of two ≥ 16, and
+frequency-sparse plans made for this impl keep at least 16 first and last digits (`monarch.MIN_DOT`;
+an 8-wide bf16 dot compiled and gave wrong results on an H200). Grid: (batch, channel tiles[, row tiles]); each
 program loops over its channels (and rows) with `lax.fori_loop`. Block shapes keep full trailing
 dims so they are legal for Mosaic too.
 
 Backends: on GPU the kernels request Triton (jax >= 0.10 defaults to Mosaic GPU, which rejects them);
 the fp32 HIGHEST version ran correctly but slowly on one H200 (../shared/measurements/h200-2026-11-28.md);
-the low-precision settings have not run on a GPU yet (`scripts/gpu_check.py`). `tests/test_fftconv_lowering.py`
+with bf16 dots the forward is 0.96× jnp.fft at L 1K and 0.3-0.6× beyond (results/fftconv/README.md).
+Launch settings are in `TUNING` (`tuning()` for sweeps: scripts/gpu_kernel_sweep.py). `tests/test_fftconv_lowering.py`
 checks on CPU that forward and backward lower for "cuda" (Triton) and "tpu" (Mosaic) through `jax.export`
 at every precision; `scripts/kernel_resources.py` compiles them for sm_90 and reports spills.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 
@@ -50,7 +52,39 @@ from kernels.fftconv import precision as _precision
 from kernels.fftconv.monarch import Plan
 from kernels.fftconv.reference import next_power_of_two
 
-MIN_DOT = 16
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """Launch settings of the forward kernels, for sweeps on a GPU (`scripts/gpu_kernel_sweep.py`).
+
+    fused_channels / inner_channels / inner_rows: the most channels (rows) one program loops over (powers of
+    two; the grid covers the rest). fused_stack: channels the fused forward kernel transforms together, side
+    by side in its dots (N = stack·f1 for the first stage, M = stack·f0 for the second), instead of one
+    channel per dot. num_warps, num_stages: Triton's. The defaults are what ran on the H200
+    (results/fftconv/bench_NVIDIA_H200.md). Jitted ops cache their trace: call `jax.clear_caches()` after
+    changing these."""
+
+    fused_channels: int = 8
+    fused_stack: int = 1  # channels per dot in the fused forward kernel (> 1: `_spectrum_stacked`)
+    inner_channels: int = 4
+    inner_rows: int = 8
+    num_warps: int = 4
+    num_stages: int = 1
+    low_precision_planes: bool = True  # inner kernel planes in `precision.plane_dtype` (False: fp32)
+
+
+TUNING = Tuning()
+
+
+@contextlib.contextmanager
+def tuning(**changes):
+    """``with tuning(num_warps=8): ...`` runs the forward kernels with these `Tuning` fields changed."""
+    global TUNING
+    saved, TUNING = TUNING, dataclasses.replace(TUNING, **changes)
+    try:
+        yield TUNING
+    finally:
+        TUNING = saved
 
 
 def _dot(a, b, precision):
@@ -82,13 +116,14 @@ def _pow2_divisor(n: int, cap: int) -> int:
     return t
 
 
-def _compiler_params(backend: str | None = None, num_warps: int = 4):
+def _compiler_params(backend: str | None = None, num_warps: int | None = None):
     """Triton on GPU: jax >= 0.10 lowers GPU Pallas through Mosaic GPU by default, where these kernels
-    do not lower (lane-semantics dot_general, shared-memory limits); None elsewhere (TPU Mosaic, CPU)."""
+    do not lower (lane-semantics dot_general, shared-memory limits); None elsewhere (TPU Mosaic, CPU).
+    num_warps None: the forward kernels' `TUNING.num_warps`."""
     if (backend or jax.default_backend()) == "gpu":
         from jax.experimental.pallas import triton as pltriton
 
-        return pltriton.CompilerParams(num_warps=num_warps, num_stages=1)
+        return pltriton.CompilerParams(num_warps=num_warps or TUNING.num_warps, num_stages=TUNING.num_stages)
     return None
 
 
@@ -129,6 +164,36 @@ def _real_inverse(y, c, precision):
     return dot(c["g0r"][...], z[0]) - dot(c["g0i"][...], z[1])  # real part only: 2 dots
 
 
+def _spectrum_stacked(x, c, precision):
+    """`_spectrum` of cb channels at once, x (cb, rows, f1) → planes (k0·cb, k1) (row k0·cb + channel): the
+    first stage is one (f0 × rows)·(rows × cb·f1) dot, the second one (f0·cb × f1)·(f1 × k1) dot."""
+    cb, rows, f1 = x.shape
+    dot = functools.partial(_dot, precision=precision)
+    xs = jnp.transpose(x, (1, 0, 2)).reshape(rows, cb * f1)
+    a = (dot(c["f0r"][...], xs), dot(c["f0i"][...], xs))  # (f0, cb·f1)
+    f0 = a[0].shape[0]
+    a = _cmul(tuple(p.reshape(f0, cb, f1) for p in a), (c["t0r"][...][:, None], c["t0i"][...][:, None]))
+    return _cdot(tuple(p.reshape(f0 * cb, f1) for p in a), (c["f1r"][...], c["f1i"][...]), precision)
+
+
+def _real_inverse_stacked(y, c, precision, cb):
+    """`_real_inverse` of cb channels' spectra (k0·cb, k1) (as `_spectrum_stacked` leaves them): a
+    (cb, rows_out, f1) tile."""
+    dot = functools.partial(_dot, precision=precision)
+    z = _cdot(y, (c["g1r"][...], c["g1i"][...]), precision)  # (f0·cb, f1)
+    f0, f1 = z[0].shape[0] // cb, z[0].shape[1]
+    z = _cmul(tuple(p.reshape(f0, cb, f1) for p in z), (c["s0r"][...][:, None], c["s0i"][...][:, None]))
+    z = tuple(p.reshape(f0, cb * f1) for p in z)
+    out = dot(c["g0r"][...], z[0]) - dot(c["g0i"][...], z[1])  # (rows_out, cb·f1)
+    return jnp.transpose(out.reshape(out.shape[0], cb, f1), (1, 0, 2))
+
+
+def _stack_spectrum(spec, cb: int):
+    """Filter spectrum planes (H, k0, k1) regrouped for `_spectrum_stacked`: (H / cb, k0·cb, k1)."""
+    channels, k0, k1 = spec.shape
+    return spec.reshape(channels // cb, cb, k0, k1).transpose(0, 2, 1, 3).reshape(channels // cb, k0 * cb, k1)
+
+
 _FUSED_CONSTANTS = ("f0r", "f0i", "t0r", "t0i", "f1r", "f1i", "g1r", "g1i", "s0r", "s0i", "g0r", "g0i")
 
 
@@ -145,7 +210,7 @@ def _fused_constants(kplan: Plan, precision):
 def _kernel_rows(rows: int, f0: int) -> int:
     """Time rows a kernel tile holds: Triton wants power-of-two block dims and dots >= 16 (extra rows
     are zeros on input and discarded on output)."""
-    return min(f0, next_power_of_two(max(rows, MIN_DOT)))
+    return min(f0, next_power_of_two(max(rows, monarch.MIN_DOT)))
 
 
 def _load(ref, *idx):
@@ -164,19 +229,23 @@ def _batch_channels(x, channels_first: bool):
     return (*(lead[::-1] if channels_first else lead), lead)
 
 
-def _fused_kernel(*refs, ht, has_pre, has_post, has_bias, channels_first, precision):
+def _fused_kernel(*refs, ht, cb, has_pre, has_post, has_bias, channels_first, precision):
     it = iter(refs)
     x_ref, pre_ref, post_ref, bias_ref, kr_ref, ki_ref = _take(it, True, has_pre, has_post, has_bias, True, True)
     c = {name: next(it) for name in _FUSED_CONSTANTS}
     o_ref = next(it)
 
-    def body(h, carry):
+    def body(g, carry):  # channel g (cb = 1) or channels [g·cb, (g+1)·cb) side by side
+        h = g if cb == 1 else pl.ds(g * cb, cb)
         at = (h, 0) if channels_first else (0, h)
         x = _load(x_ref, *at)
         if has_pre:
             x = x * _load(pre_ref, *at)
-        y = _cmul(_spectrum(x, c, precision), (kr_ref[h], ki_ref[h]))
-        out = _real_inverse(y, c, precision)
+        k = (kr_ref[g], ki_ref[g])
+        if cb == 1:
+            out = _real_inverse(_cmul(_spectrum(x, c, precision), k), c, precision)
+        else:
+            out = _real_inverse_stacked(_cmul(_spectrum_stacked(x, c, precision), k), c, precision, cb)
         if has_bias:
             out = out + bias_ref[h] * x
         if has_post:
@@ -184,7 +253,7 @@ def _fused_kernel(*refs, ht, has_pre, has_post, has_bias, channels_first, precis
         o_ref[at] = out.astype(o_ref.dtype)
         return carry
 
-    jax.lax.fori_loop(0, ht, body, 0)
+    jax.lax.fori_loop(0, ht // cb, body, 0)
 
 
 def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype=jnp.float32,
@@ -207,9 +276,10 @@ def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype
         inputs.append(monarch.pad_rows(post, kplan, rows_out))
     if bias is not None:
         inputs.append(bias.astype(jnp.float32).reshape(channels, 1, 1))
-    inputs += list(spec)
+    ht = _pow2_divisor(channels, max(TUNING.fused_channels, TUNING.fused_stack))
+    cb = min(TUNING.fused_stack, ht)
+    inputs += [_stack_spectrum(s, cb) for s in spec]
     consts = _fused_constants(kplan, precision)
-    ht = _pow2_divisor(channels, 8)
 
     def seq_spec(rows):
         if channels_first:
@@ -223,11 +293,11 @@ def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype
         in_specs.append(seq_spec(rows_out))
     if bias is not None:
         in_specs.append(pl.BlockSpec((ht, 1, 1), lambda b, h: (h, 0, 0)))
-    spec_block = (ht, *spec[0].shape[1:])
+    spec_block = (ht // cb, spec[0].shape[1] * cb, spec[0].shape[2])
     in_specs += [pl.BlockSpec(spec_block, lambda b, h: (h, 0, 0))] * 2
     in_specs += [_full_spec(c) for c in consts]
     kernel = functools.partial(
-        _fused_kernel, ht=ht, has_pre=pre is not None, has_post=post is not None, has_bias=bias is not None,
+        _fused_kernel, ht=ht, cb=cb, has_pre=pre is not None, has_post=post is not None, has_bias=bias is not None,
         channels_first=channels_first, precision=precision,
     )
     out = pl.pallas_call(
@@ -414,8 +484,8 @@ def _inner_kernel(xr_ref, xi_ref, kr_ref, ki_ref, *refs, ht, rt, precision):
     def row(h, r):
         y = _cmul(_inner_spectrum((xr_ref[0, h, r], xi_ref[0, h, r]), c, precision), (kr_ref[h, r], ki_ref[h, r]))
         o = _inner_inverse(y, c, precision)
-        or_ref[0, h, r] = o[0]
-        oi_ref[0, h, r] = o[1]
+        or_ref[0, h, r] = o[0].astype(or_ref.dtype)
+        oi_ref[0, h, r] = o[1].astype(oi_ref.dtype)
 
     _over_rows(ht, rt, row)
 
@@ -451,13 +521,15 @@ def conv_inner(x, spec, plan: Plan, *, interpret=False, precision="fp32"):
     """(x ∗ k)[0:n_out] for a ≥ 3-stage plan, x (B, H, L_in) fp32 → (B, H, n_out) fp32: outer levels in XLA,
     inner two levels in the Pallas kernel."""
     z, (kr, ki), consts = _inner_inputs(x, spec, plan, precision)
+    planes = _precision.plane_dtype(precision) if TUNING.low_precision_planes else jnp.float32
+    z = tuple(c.astype(planes) for c in z)  # XLA writes them in this dtype (fused into its last einsum)
     batch, channels, rows, fa, fb = z[0].shape
     sb = kr.shape[-1]
-    ht = _pow2_divisor(channels, 4)
-    rt = _pow2_divisor(rows, 8)
+    ht = _pow2_divisor(channels, TUNING.inner_channels)
+    rt = _pow2_divisor(rows, TUNING.inner_rows)
     data_spec = pl.BlockSpec((1, ht, rt, fa, fb), lambda b, h, r: (b, h, r, 0, 0))
     k_spec = pl.BlockSpec((ht, rt, fa, sb), lambda b, h, r: (h, r, 0, 0))
-    out_shape = jax.ShapeDtypeStruct((batch, channels, rows, fa, fb), jnp.float32)
+    out_shape = jax.ShapeDtypeStruct((batch, channels, rows, fa, fb), planes)
     o = pl.pallas_call(
         functools.partial(_inner_kernel, ht=ht, rt=rt, precision=precision),
         out_shape=(out_shape, out_shape),
@@ -489,10 +561,10 @@ def _inner_bwd_kernel(*refs, batch, ht, rt, with_z, precision):
             pr_ref[h, r] += xr * dr + xi * di  # Σ_b conj(X_b)·DZ_b, fp32
             pi_ref[h, r] += xr * di - xi * dr
             g = _inner_inverse((kr * dr + ki * di, kr * di - ki * dr), c, precision)  # conj(K̂)·DZ
-            gr_ref[b, h, r], gi_ref[b, h, r] = g
+            gr_ref[b, h, r], gi_ref[b, h, r] = (a.astype(gr_ref.dtype) for a in g)
             if with_z:
                 z = _inner_inverse(_cmul((xr, xi), (kr, ki)), c, precision)  # K̂·X
-                zr_ref[b, h, r], zi_ref[b, h, r] = z
+                zr_ref[b, h, r], zi_ref[b, h, r] = (a.astype(zr_ref.dtype) for a in z)
             return carry
 
         jax.lax.fori_loop(0, batch, sample, 0)
@@ -511,13 +583,15 @@ def conv_backward_inner(x, dz, spec, plan: Plan, bplan: Plan, *, with_z=True, in
     """
     zx, (kr, ki), consts = _inner_inputs(x, spec, plan, precision)
     zd = _outer_forward(dz, bplan, precision)
+    planes = _precision.plane_dtype(precision) if TUNING.low_precision_planes else jnp.float32
+    zx, zd = (tuple(c.astype(planes) for c in z) for z in (zx, zd))
     batch, channels, rows, fa, fb = zx[0].shape
     sb = kr.shape[-1]
     ht = _pow2_divisor(channels, 2)
     rt = _pow2_divisor(rows, 2)
     data_spec = pl.BlockSpec((batch, ht, rt, fa, fb), lambda h, r: (0, h, r, 0, 0))
     k_spec = pl.BlockSpec((ht, rt, fa, sb), lambda h, r: (h, r, 0, 0))
-    data_shape = jax.ShapeDtypeStruct((batch, channels, rows, fa, fb), jnp.float32)
+    data_shape = jax.ShapeDtypeStruct((batch, channels, rows, fa, fb), planes)
     k_shape = jax.ShapeDtypeStruct((channels, rows, fa, sb), jnp.float32)
     n_data = 4 if with_z else 2
     outs = pl.pallas_call(

@@ -68,6 +68,14 @@ def resolve(precision: str | None, dtype, backend: str | None = None) -> str:
     return name
 
 
+def plane_dtype(precision: str):
+    """dtype of the (re, im) planes passed between the XLA outer stages and the inner kernels: the dot
+    operand dtype for the 16-bit settings, fp32 otherwise. Forward planes are rounded there anyway by the
+    next dot (no change); the inverse planes get one rounding more, before the outer twiddle (within the
+    bounds above; tests/test_fftconv_precision.py)."""
+    return OPERAND_DTYPES[precision] if precision in ("fp16", "bf16") else jnp.float32
+
+
 def operand(a, precision: str):
     """Cast a matmul operand (e.g. a DFT-matrix constant) to the dtype `precision` feeds the dot."""
     if precision in ("fp16", "bf16"):
@@ -76,9 +84,16 @@ def operand(a, precision: str):
 
 
 def _split_bf16(a):
-    hi = a.astype(jnp.bfloat16)
-    lo = (a.astype(jnp.float32) - hi.astype(jnp.float32)).astype(jnp.bfloat16)
-    return hi, lo
+    """(hi, lo) bf16 with a ≈ hi + lo (|a − hi − lo| ≤ 2⁻¹⁷|a|): hi = a rounded to nearest-even bf16.
+
+    hi is rounded with integer ops on the fp32 bits, not by a bf16 → fp32 convert round trip: with
+    excess precision allowed (XLA's GPU default) XLA folds that round trip away, so lo became 0 and
+    "bf16x3" was plain bf16 (rel. error 1.7e-3 on an H200)."""
+    a = a.astype(jnp.float32)
+    bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    bits = (bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))) & jnp.uint32(0xFFFF0000)
+    hi = jax.lax.bitcast_convert_type(bits, jnp.float32)  # exactly representable in bf16
+    return hi.astype(jnp.bfloat16), (a - hi).astype(jnp.bfloat16)
 
 
 def dot(matmul, a, b, precision: str):

@@ -574,7 +574,9 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
 
     Every member sees the same batches (order from `epoch_orders`), is evaluated after every epoch (or
     ``train.eval_every_steps``) and leaves the stacked step once its test accuracy exceeds
-    ``train.early_stop_acc``. ``train.max_run_seconds`` caps the group's wall time (checked every step;
+    ``train.early_stop_acc`` (with the ``map`` member loop it leaves the stacked state; with ``vmap`` it stays
+    in, frozen at learning rate 0, so that the step never recompiles: a compile costs ~40 s on an H200,
+    more than the extra member's compute). ``train.max_run_seconds`` caps the group's wall time (checked every step;
     stop ``time_limit``). ``deadline`` (a ``time.perf_counter()`` value) stops the group before it, with
     room for the queued steps, an evaluation and the checkpoint (stop ``time_budget``); Ctrl-C stops it with
     stop ``interrupted`` and re-raises KeyboardInterrupt. In both cases the members' state is saved to
@@ -596,6 +598,8 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
     n_test = int(test.inputs.shape[0])
 
     active = list(range(len(runs)))  # indices into `runs` of the members still training, in stack order
+    slot = list(range(len(runs)))  # slot[m]: member m's index in the stacked state
+    drop_stopped = member_loop_for(tc.member_loop) == "map"
     history: list[list[dict]] = [[] for _ in runs]
     best, final = [0.0] * len(runs), [0.0] * len(runs)
     step, elapsed_before, train_time, cpu_before = 0, 0.0, 0.0, 0.0
@@ -680,7 +684,8 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
             accs, losses = evaluate(eval_step, params, rest, test_batches, n_test)
             eval_time = time.perf_counter() - te
             parts = []
-            for j, m in enumerate(active):
+            for m in active:
+                j = slot[m]
                 final[m] = float(accs[j])
                 best[m] = max(best[m], final[m])
                 history[m].append({"step": step, "epoch": round(step / steps_per_epoch, 3),
@@ -696,11 +701,15 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
             done = [m for m in active if final[m] > tc.early_stop_acc]
             if done:
                 finish(done, "early_stop")
-                keep = [j for j, m in enumerate(active) if m not in done]
-                active = [active[j] for j in keep]
-                if active:  # drop the stopped members from the stacked step (recompiles once per size)
+                active = [m for m in active if m not in done]
+                if active and drop_stopped:  # leave the stacked step (recompiles once per size)
+                    keep = [slot[m] for m in active]
                     params, opt_state, rest = _take_members((params, opt_state, rest), keep)
                     lrs = lrs[np.asarray(keep)]
+                    for j, m in enumerate(active):
+                        slot[m] = j
+                elif active:  # stay in, frozen: a zero learning rate leaves the parameters as they are
+                    lrs = lrs.at[np.asarray([slot[m] for m in done])].set(0.0)
             seg_start = time.perf_counter()
     except KeyboardInterrupt:
         stop = "interrupted"
@@ -709,7 +718,10 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
     if active and stop in RESUMABLE_STOPS and checkpoint is not None:
         try:
             jax.block_until_ready((params, opt_state, rest))
-            save_checkpoint(checkpoint, (params, opt_state, rest), {
+            state = (params, opt_state, rest)
+            if len(slot) > len(active) and not drop_stopped:  # frozen members are not saved
+                state = _take_members(state, [slot[m] for m in active])
+            save_checkpoint(checkpoint, state, {
                 "keys": [keys[m] for m in active],
                 "fingerprints": [run_fingerprint(cfg, runs[m]) for m in active],
                 "step": step, "wall_s": time.perf_counter() - t0, "train_s": train_time,

@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""Launch-setting sweep of the Pallas fftconv kernels on a GPU (<= 5 minutes): which knob moves the time.
+
+For each L (default 1K: the fused 2-stage kernel; 4K and 16K: the inner kernel after XLA's outer stage),
+bf16 gated forward at the B x H of `scripts/gpu_check.py`, times jnp.fft ("xla", re-measured here) and
+impl="pallas" under each `kernels.fftconv.pallas.Tuning` variant and activation layout ("blh", or "hbl" =
+the kernels' own order, no transposes), inputs rotated beyond L2, `jax.clear_caches()` between variants.
+Each variant is also checked against the default variant's output (rel. L2 < 1e-2: a launch setting
+must not change the result). Writes <out>/kernel_sweep_<device>.{jsonl,md,png}.
+
+    python scripts/gpu_kernel_sweep.py --out results/fftconv            # on the GPU
+    python scripts/gpu_kernel_sweep.py --smoke --out /tmp/sweep          # CPU, interpret mode, ~1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kernels.fftconv import fftconv, pallas  # noqa: E402
+from kernels.fftconv.bench import machine_info  # noqa: E402
+from kernels.fftconv.gpu_check import FULL_SHAPES, device_inputs, device_name, time_rotating  # noqa: E402
+
+# (label, Tuning changes); the first is the default every other variant is compared with.
+VARIANTS = [
+    ("default", {}),
+    ("fp32 planes", {"low_precision_planes": False}),
+    ("8 warps", {"num_warps": 8}),
+    ("2 stages", {"num_stages": 2}),
+    ("fused ch 1", {"fused_channels": 1}),
+    ("fused ch 2", {"fused_channels": 2}),
+    ("fused ch 16", {"fused_channels": 16}),
+    ("fused stack 2", {"fused_stack": 2}),
+    ("fused stack 2, 8 warps", {"fused_stack": 2, "num_warps": 8}),
+    ("fused stack 4, 8 warps", {"fused_stack": 4, "num_warps": 8}),
+    ("inner ch 1", {"inner_channels": 1}),
+    ("inner ch 8", {"inner_channels": 8}),
+    ("inner rows 1", {"inner_rows": 1}),
+    ("inner rows 2", {"inner_rows": 2}),
+    ("inner rows 32", {"inner_rows": 32}),
+]
+FUSED_ONLY = ("fused ",)  # variants that change nothing on >= 3-stage plans, and vice versa
+INNER_ONLY = ("inner ", "fp32 planes")
+
+
+def applies(label: str, seqlen: int) -> bool:
+    fused = seqlen <= 2048  # dense conv of L <= 2048: FFT size <= 4096, a 2-stage plan
+    if label.startswith(FUSED_ONLY):
+        return fused
+    if label.startswith(INNER_ONLY):
+        return not fused
+    return True
+
+
+def to_layout(a, layout):
+    return jnp.transpose(a, (2, 0, 1)) if layout == "hbl" else a  # (B, L, H) -> (H, B, L)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lens", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--layouts", nargs="+", default=["hbl", "blh"])
+    ap.add_argument("--budget-s", type=float, default=240.0, help="stop starting variants after this")
+    ap.add_argument("--rotate-mb", type=float, default=200.0)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpret mode)")
+    ap.add_argument("--out", default="results/fftconv")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    info = machine_info()
+    shapes = {256: (1, 8), 4096: (1, 2)} if args.smoke else {L: FULL_SHAPES.get(L, (8, 768)) for L in args.lens}
+    rows = []
+
+    def log(msg):
+        print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
+
+    for seqlen, (batch, channels) in shapes.items():
+        set_bytes = 3 * batch * seqlen * channels * 2
+        count = 2 if args.smoke else max(2, math.ceil(args.rotate_mb * 1e6 / set_bytes))
+        base_sets = [device_inputs(batch, seqlen, channels, seqlen, jnp.bfloat16, seed) for seed in range(count)]
+        for layout in args.layouts:
+            sets = [(to_layout(u, layout), k, bias, to_layout(pre, layout), to_layout(post, layout))
+                    for u, k, bias, pre, post in base_sets]
+            reference = None
+            for label, changes in [("xla", None)] + VARIANTS:
+                if label != "xla" and not applies(label, seqlen):
+                    continue
+                row = dict(L=seqlen, B=batch, H=channels, layout=layout, variant=label, tuning=changes)
+                if time.perf_counter() - t_start > args.budget_s:
+                    rows.append({**row, "skipped": "time budget"})
+                    continue
+                impl = "xla" if changes is None else "pallas"
+                jax.clear_caches()
+                fn = jax.jit(lambda u, k, b, pre, post, impl=impl, layout=layout: fftconv(
+                    u, k, b, pre_gate=pre, post_gate=post, impl=impl, layout=layout))
+                try:
+                    with pallas.tuning(**(changes or {})):
+                        y = np.asarray(jnp.asarray(fn(*sets[0]), jnp.float32))
+                        ms = 1e3 * time_rotating(fn, sets, batches=2 if args.smoke else 5)
+                except Exception as err:  # noqa: BLE001 - a variant that fails to compile is a result
+                    rows.append({**row, "error": f"{type(err).__name__}: {str(err)[:300]}"})
+                    log(f"L={seqlen} {layout} {label}: ERROR {rows[-1]['error']}")
+                    continue
+                if label == "default":
+                    reference = y
+                err = None if reference is None else float(np.linalg.norm(y - reference) / np.linalg.norm(reference))
+                rows.append({**row, "ms": ms, "rel_l2_vs_default": err, "ok": err is None or err < 1e-2})
+                log(f"L={seqlen:>6} {layout} {label:>14}: {ms:8.3f} ms" + ("" if err is None else f"  (vs default {err:.1e})"))
+    for r in rows:  # speed relative to jnp.fft at the same L and layout
+        base = next((b["ms"] for b in rows if b["variant"] == "xla" and b["L"] == r["L"] and b["layout"] == r["layout"]
+                     and "ms" in b), None)
+        r["speed_vs_jnpfft"] = base / r["ms"] if base and "ms" in r else None
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"kernel_sweep_{device_name(info)}{'_smoke' if args.smoke else ''}"
+    with open(f"{stem}.jsonl", "w") as fh:
+        fh.write(json.dumps({"kind": "machine", **info, "wall_s": time.perf_counter() - t_start}) + "\n")
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    lines = [f"# Pallas launch-setting sweep on {info['device_kind']} ({info['backend']})", "",
+             f"Machine: `{json.dumps(info)}`. bf16 gated forward; × jnp.fft = jnp.fft time / this time.", "",
+             "| L | B×H | layout | variant | ms | × jnp.fft | rel. L2 vs default |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        note = r.get("skipped") or r.get("error")
+        ms = f"{r['ms']:.3f}" if note is None else note[:60]
+        speed = f"{r['speed_vs_jnpfft']:.2f}" if r.get("speed_vs_jnpfft") else "-"
+        err = f"{r['rel_l2_vs_default']:.1e}" if r.get("rel_l2_vs_default") is not None else "-"
+        lines.append(f"| {r['L']} | {r['B']}×{r['H']} | {r['layout']} | {r['variant']} | {ms} | {speed} | {err} |")
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, info, Path(f"{stem}.png"))
+    log(f"wrote {stem}.jsonl, .md, .png")
+    print("\n".join(lines))
+    return 0 if all(r.get("ok", True) for r in rows) else 1
+
+
+def plot(rows, info, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "ms" in r and r["variant"] != "xla"]
+    groups = sorted({(r["L"], r["layout"]) for r in done})
+    fig, axes = plt.subplots(1, max(1, len(groups)), figsize=(4 * max(1, len(groups)), 4), squeeze=False)
+    for ax, (seqlen, layout) in zip(axes[0], groups):
+        sel = [r for r in done if (r["L"], r["layout"]) == (seqlen, layout)]
+        ax.barh([r["variant"] for r in sel], [r["speed_vs_jnpfft"] or 0 for r in sel])
+        ax.axvline(1.0, color="gray", lw=0.8)
+        ax.set_title(f"L {seqlen}, {layout}", fontsize=9)
+        ax.set_xlabel("speed vs jnp.fft (×)")
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"pallas fftconv launch settings, {info['device_kind']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
