@@ -117,13 +117,16 @@ def test_kernel_dots_fit_the_tensor_core_tile(seqlen, ksize, mask_name):
     assert not small, f"dots below {monarch.MIN_DOT}: {small}"
 
 
-def test_stacked_fused_kernel_lowers_for_cuda(monkeypatch):
-    """`tuning(fused_stack=4)` (3-D transposes and reshapes around the dots) lowers through Triton."""
+@pytest.mark.parametrize("seqlen,changes", [(1024, {"fused_stack": 4, "num_warps": 8}),
+                                             (4096, {"fused3_max_fft": 8192})])
+def test_tuned_fused_kernels_lower_for_cuda(seqlen, changes, monkeypatch):
+    """The stacked fused kernel and the 3-level fused kernel (3-D transposes and reshapes around the dots)
+    lower through Triton."""
     jax.clear_caches()
     monkeypatch.setattr(pallas, "_compiler_params", functools.partial(pallas._compiler_params, "gpu"))
-    u = jax.ShapeDtypeStruct((2, 1024, 32), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1024, 32), jnp.float32)
-    with pallas.tuning(fused_stack=4, num_warps=8):
+    u = jax.ShapeDtypeStruct((2, seqlen, 32), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((seqlen, 32), jnp.float32)
+    with pallas.tuning(**changes):
         exported = export.export(jax.jit(lambda u, k: conv.fftconv_matmul(u, k, None, u, u, impl="pallas",
                                                                           interpret=False)),
                                  platforms=["cuda"], disabled_checks=UNCHECKED_CALLS)(u, k)

@@ -121,8 +121,23 @@ def test_kernel_sweep_smoke_times_every_variant_against_the_default(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "kernel_sweep_cpu_smoke.jsonl").read_text().splitlines()][1:]
-    by_len = {L: {r["variant"] for r in rows if r["L"] == L and "ms" in r} for L in (256, 4096)}
-    assert {"xla", "default", "8 warps", "fused ch 2"} <= by_len[256] and "inner ch 1" not in by_len[256]
-    assert {"xla", "default", "fp32 planes", "inner ch 1", "inner rows 2"} <= by_len[4096]
+    by_len = {L: {(r["group"], r["variant"]) for r in rows if r["L"] == L and "ms" in r} for L in (256, 4096)}
+    assert {("fwd", v) for v in ("xla", "default", "8 warps", "fused ch 2", "fused stack 2")} <= by_len[256]
+    assert ("fwd", "inner ch 1") not in by_len[256] and ("fwdbwd", "default") not in by_len[256]
+    assert {("fwd", v) for v in ("xla", "default", "fp32 planes", "inner ch 1", "3-level fused")} <= by_len[4096]
+    assert {("fwdbwd", v) for v in ("xla", "default", "3-level fused")} <= by_len[4096]
     assert all(r["ok"] for r in rows if "ms" in r)
     assert (tmp_path / "kernel_sweep_cpu_smoke.png").stat().st_size > 0
+
+
+def test_check_lens_choose_the_correctness_lengths(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(gpu_check, "correctness", lambda lens, *a, **k: seen.append(lens) or [])
+    monkeypatch.setattr(gpu_check, "benchmark", lambda *a, **k: [])
+    monkeypatch.setattr(gpu_check, "plot", lambda *a: None)
+    parser = argparse.ArgumentParser()
+    gpu_check.add_arguments(parser)
+    assert gpu_check.main(parser.parse_args(["--out", str(tmp_path), "--check-lens", "4096"])) == 0
+    assert seen == [[4096]]
+    assert gpu_check.main(parser.parse_args(["--out", str(tmp_path)])) == 0
+    assert seen[-1] == [1024, 16384]

@@ -13,7 +13,7 @@ from lm.mqar import runner
 STEPS_PER_EPOCH = 25  # 400 rows / batch 16
 
 
-def _cfg(tmp_path, **train):
+def _cfg(tmp_path, grid=None, **train):
     import yaml
 
     d = {
@@ -24,7 +24,7 @@ def _cfg(tmp_path, **train):
         "mixers": [{"label": "attention", "mixer": {"name": "attention", "rotary": True, "init_std": 0.1,
                                                      "dropout": 0.1}}],
         "grid": {"points": [{"seq_len": 16, "num_kv_pairs": 2, "batch_size": 16}], "d_models": [16],
-                 "lrs": [1e-3, 1e-2], "seeds": [0, 1]},
+                 "lrs": [1e-3, 1e-2], "seeds": [0, 1], **(grid or {})},
         "train": {"max_epochs": 8, "eval_every_steps": 20, "early_stop_acc": 1.1, **train},
     }
     p = tmp_path / "cfg.yaml"
@@ -104,7 +104,7 @@ def _train_alone(cfg, run, train, test, eval_steps):
     return out
 
 
-@pytest.mark.parametrize("member_loop", ["vmap", "map"])
+@pytest.mark.parametrize("member_loop", ["vmap", pytest.param("map", marks=pytest.mark.slow)])  # map: -m slow (CI time)
 def test_vmapped_group_equals_runs_trained_alone(tmp_path, monkeypatch, member_loop):
     """Four members (2 lrs x 2 seeds) in one step (vmapped, or mapped one after another) follow the
     trajectories of the same runs trained alone, for 200 steps; members that early-stop leave the stacked
@@ -352,7 +352,7 @@ def test_member_loop_setting_picks_the_step_structure(tmp_path, setting, expecte
 def test_frozen_members_are_not_checkpointed_and_a_rerun_resumes_the_rest(tmp_path, monkeypatch):
     """vmap loop: a member that early-stops stays in the step frozen; Ctrl-C after that saves only the
     members still training, and the rerun finishes them exactly as an uninterrupted run does."""
-    cfg = _cfg(tmp_path, early_stop_acc=0.40, member_loop="vmap", max_epochs=4)
+    cfg = _cfg(tmp_path, grid={"seeds": [0]}, early_stop_acc=0.38, member_loop="vmap", max_epochs=3)
     runner.sweep(cfg, tmp_path / "ref", progress=False, report=False)
     ref = _final(tmp_path / "ref" / "results.jsonl")
     first_stop = min(r["steps"] for r in ref.values() if r["stop"] == "early_stop")

@@ -116,6 +116,13 @@ def from_blh(a, layout: str):
     return a if layout == "blh" else jnp.transpose(a, (2, 0, 1))
 
 
+def _pallas():
+    """The Pallas kernels module, imported on first use (importing Pallas costs a second)."""
+    from kernels.fftconv import pallas
+
+    return pallas
+
+
 def _backward_plan(plan: Plan, len_in: int) -> Plan:
     """Same FFT, input = the n_out-long cotangent, output = the len_in-long input gradient."""
     rest0 = plan.rest0
@@ -128,7 +135,7 @@ def _conv_fwd_impl(u, k, bias, pre, post, cfg: OpConfig):
     plan = cfg.plan
     spec = monarch.filter_spectrum(k, plan)
     layout = cfg.layout
-    if cfg.impl == "pallas" and plan.stages == 2:  # bf16 stays bf16 through the (layout) transposes and the kernel
+    if cfg.impl == "pallas" and _pallas().fused_stages(plan):  # bf16 stays bf16 through the layout transposes
         from kernels.fftconv.pallas import conv_fused
 
         io = functools.partial(_fused_io, layout=layout)
@@ -156,7 +163,7 @@ def _bwd(cfg: OpConfig, res, dy):
     plan = cfg.plan
     layout = cfg.layout
     len_in = u.shape[seq_axis(layout)]
-    if cfg.impl == "pallas" and plan.stages == 2:
+    if cfg.impl == "pallas" and _pallas().fused_stages(plan):
         from kernels.fftconv.pallas import conv_backward_fused
 
         io = functools.partial(_fused_io, layout=layout)
@@ -169,7 +176,7 @@ def _bwd(cfg: OpConfig, res, dy):
     x = ut if pret is None else ut * pret
     dz = dyt if postt is None else dyt * postt
     bplan = _backward_plan(plan, len_in)
-    if cfg.impl == "pallas":  # ≥ 3 stages: the three convolutions in one inner kernel
+    if cfg.impl == "pallas":  # other ≥ 3-stage plans: the three convolutions in one inner kernel
         from kernels.fftconv.pallas import conv_backward_inner
 
         g, z, prod = conv_backward_inner(x, dz, spec, plan, bplan, with_z=post is not None,

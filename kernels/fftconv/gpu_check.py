@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-s", type=float, default=270.0, help="stop starting variants after this")
     parser.add_argument("--rotate-mb", type=float, default=200.0, help="input bytes rotated over per variant")
     parser.add_argument("--out", default="results/fftconv")
+    parser.add_argument("--check-lens", type=int, nargs="+", default=[1024, 16384],
+                        help="lengths of the correctness checks (a 2-stage and a 3-stage plan by default)")
     parser.add_argument("--write-table", action="store_true", help="record the winners in tuned.json")
     parser.add_argument("--table", default=None, help="table path (default kernels/fftconv/tuned.json)")
 
@@ -299,7 +301,7 @@ def main(args) -> int:
     def log(msg):
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)
 
-    check_lens = sorted(SMOKE_SHAPES) if smoke else [1024, 16384]
+    check_lens = sorted(SMOKE_SHAPES) if smoke else args.check_lens
     check_rows = correctness(check_lens, 1 if smoke else 2, 2 if smoke else 16, log, smoke)
     bench_rows = benchmark(shapes, args, log, t_start)
     out = Path(args.out)

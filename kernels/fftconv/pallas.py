@@ -7,6 +7,9 @@ Two kernels share one body shape, an order-2 "four-step" conv on a (f_a, f_b) ti
 * fused (plans with 2 stages, N ≤ 4096): real input rows [0, rows_in) of u (zero past L), optional
   pre-gate on load, 1/N folded into T_a, real part of only the first rows_out output rows, then the
   D skip (bias ⊙ x) and the post-gate, all in one kernel: u and the gates are read once, y written once.
+* fused, 3 levels (dense 3-stage plans up to `Tuning.fused3_max_fft`, off by default until measured): the
+  same one-pass kernel with all three levels inside (`_spectrum3`): a whole N-point sequence per
+  iteration, the middle level's axis moved first by an in-kernel transpose. No XLA pass, no planes in HBM.
 * inner (plans with 3-4 stages, N > 4096): the outer stage(s) (F_0, twiddle, …) run as plain XLA
   einsums in their own pass (`monarch.forward_levels`); each remaining (f_{p-2}, f_{p-1}) row is an
   independent complex-input conv that this kernel does with the filter spectrum row, then XLA does the
@@ -60,7 +63,9 @@ class Tuning:
     fused_channels / inner_channels / inner_rows: the most channels (rows) one program loops over (powers of
     two; the grid covers the rest). fused_stack: channels the fused forward kernel transforms together, side
     by side in its dots (N = stack·f1 for the first stage, M = stack·f0 for the second), instead of one
-    channel per dot. num_warps, num_stages: Triton's. The defaults are what ran on the H200
+    channel per dot. fused3_max_fft: dense 3-stage plans (N = 8192 …) up to this size also run as ONE fused
+    kernel (`_spectrum3`: all three levels inside, no XLA outer stage, no HBM round trip of the planes)
+    instead of XLA + the inner kernel. num_warps, num_stages: Triton's. The defaults are what ran on the H200
     (results/fftconv/bench_NVIDIA_H200.md). Jitted ops cache their trace: call `jax.clear_caches()` after
     changing these."""
 
@@ -71,6 +76,7 @@ class Tuning:
     num_warps: int = 4
     num_stages: int = 1
     low_precision_planes: bool = True  # inner kernel planes in `precision.plane_dtype` (False: fp32)
+    fused3_max_fft: int = 0  # dense 3-stage plans up to this FFT size run `conv_fused` too (0: none)
 
 
 TUNING = Tuning()
@@ -198,13 +204,84 @@ _FUSED_CONSTANTS = ("f0r", "f0i", "t0r", "t0i", "f1r", "f1i", "g1r", "g1i", "s0r
 
 
 def _fused_constants(kplan: Plan, precision):
-    """The 12 constant planes of a 2-stage plan, in `_FUSED_CONSTANTS` order (DFT matrices pre-cast)."""
+    """The constant planes of the fused kernels, in `_FUSED_CONSTANTS` order for a 2-stage plan (12) and
+    `_FUSED3_CONSTANTS` order for a 3-stage plan (20); DFT matrices pre-cast."""
+    if kplan.stages == 3:
+        return _fused3_constants(kplan, precision)
     (f0p, tw0) = monarch.stage_constants(kplan, 0, scaled=True)
     (f1p, _) = monarch.stage_constants(kplan, 1, scaled=True)
     (g1p, _) = monarch.stage_constants(kplan, 1, inverse=True)
     (g0p, tw0c) = monarch.stage_constants(kplan, 0, inverse=True)
     dft = functools.partial(_dft_operands, precision=precision)
     return [*dft(f0p), *tw0, *dft(f1p), *dft(g1p), *tw0c, *dft(g0p)]
+
+
+def _spectrum3(x, c, precision):
+    """The 3-level transform of a real (rows, f1·f2) tile inside one kernel: planes (k1·k0, k2) (row
+    k1·k0 + k0). Level 0 is one (k0 × rows)·(rows × f1·f2) dot; level 1 one (k1 × n1)·(n1 × k0·n2) dot
+    after moving n1 first; level 2 one (k1·k0 × n2)·(n2 × k2) dot."""
+    dot = functools.partial(_dot, precision=precision)
+    a = _cmul((dot(c["f0r"][...], x), dot(c["f0i"][...], x)), (c["t0r"][...], c["t0i"][...]))  # (k0, n1·n2)
+    k0, (k1, n1) = a[0].shape[0], c["f1r"].shape
+    n2 = a[0].shape[1] // n1
+    a = tuple(jnp.transpose(p.reshape(k0, n1, n2), (1, 0, 2)).reshape(n1, k0 * n2) for p in a)
+    b = _cdot((c["f1r"][...], c["f1i"][...]), a, precision)  # (k1, k0·n2)
+    b = _cmul(tuple(p.reshape(k1, k0, n2) for p in b), (c["t1r"][...][:, None], c["t1i"][...][:, None]))
+    return _cdot(tuple(p.reshape(k1 * k0, n2) for p in b), (c["f2r"][...], c["f2i"][...]), precision)
+
+
+def _real_inverse3(y, c, precision):
+    """Re of the inverse of `_spectrum3`'s layout (k1·k0, k2): a (rows_out, n1·n2) tile."""
+    dot = functools.partial(_dot, precision=precision)
+    z = _cdot(y, (c["g2r"][...], c["g2i"][...]), precision)  # (k1·k0, n2)
+    (n1, k1), k0 = c["g1r"].shape, c["s0r"].shape[0]
+    n2 = z[0].shape[1]
+    z = _cmul(tuple(p.reshape(k1, k0, n2) for p in z), (c["s1r"][...][:, None], c["s1i"][...][:, None]))
+    z = _cdot((c["g1r"][...], c["g1i"][...]), tuple(p.reshape(k1, k0 * n2) for p in z), precision)  # (n1, k0·n2)
+    z = tuple(jnp.transpose(p.reshape(n1, k0, n2), (1, 0, 2)).reshape(k0, n1 * n2) for p in z)
+    z = _cmul(z, (c["s0r"][...], c["s0i"][...]))
+    return dot(c["g0r"][...], z[0]) - dot(c["g0i"][...], z[1])  # real part only
+
+
+_FUSED3_CONSTANTS = ("f0r", "f0i", "t0r", "t0i", "f1r", "f1i", "t1r", "t1i", "f2r", "f2i", "g2r", "g2i", "g1r", "g1i",
+                     "s1r", "s1i", "s0r", "s0i", "g0r", "g0i")
+
+
+def _fused3_constants(kplan: Plan, precision):
+    """The 20 constant planes of a 3-stage plan, in `_FUSED3_CONSTANTS` order (DFT matrices pre-cast)."""
+    dft = functools.partial(_dft_operands, precision=precision)
+    (f0p, tw0), (f1p, tw1), (f2p, _) = (monarch.stage_constants(kplan, j, scaled=True) for j in range(3))
+    (g2p, _), (g1p, tw1c), (g0p, tw0c) = (monarch.stage_constants(kplan, j, inverse=True) for j in (2, 1, 0))
+    return [*dft(f0p), *tw0, *dft(f1p), *tw1, *dft(f2p), *dft(g2p), *dft(g1p), *tw1c, *tw0c, *dft(g0p)]
+
+
+def fused_stages(plan: Plan) -> bool:
+    """Whether `conv_fused` takes this plan: every 2-stage plan, and dense 3-stage plans up to
+    `TUNING.fused3_max_fft`."""
+    return plan.stages == 2 or (plan.stages == 3 and plan.dense and plan.n <= TUNING.fused3_max_fft)
+
+
+def _transforms(stages: int):
+    """(forward transform, real inverse, constant names) of the fused kernels for a 2- or 3-stage plan."""
+    if stages == 3:
+        return _spectrum3, _real_inverse3, _FUSED3_CONSTANTS
+    return _spectrum, _real_inverse, _FUSED_CONSTANTS
+
+
+def _to_kernel_spectrum(planes, plan: Plan):
+    """Spectrum planes (H, *plan.spectrum_shape) in the fused kernels' order: unchanged for 2 stages,
+    (H, k1·k0, k2) for 3 (`_spectrum3`)."""
+    if plan.stages == 2:
+        return planes
+    return planes.transpose(0, 2, 1, 3).reshape(planes.shape[0], -1, planes.shape[3])
+
+
+def _from_kernel_spectrum(planes, plan: Plan):
+    """Inverse of `_to_kernel_spectrum`."""
+    if plan.stages == 2:
+        return planes
+    k0, k1, k2 = plan.spectrum_shape
+    return planes.reshape(planes.shape[0], k1, k0, k2).transpose(0, 2, 1, 3)
 
 
 def _kernel_rows(rows: int, f0: int) -> int:
@@ -229,10 +306,11 @@ def _batch_channels(x, channels_first: bool):
     return (*(lead[::-1] if channels_first else lead), lead)
 
 
-def _fused_kernel(*refs, ht, cb, has_pre, has_post, has_bias, channels_first, precision):
+def _fused_kernel(*refs, ht, cb, stages, has_pre, has_post, has_bias, channels_first, precision):
     it = iter(refs)
     x_ref, pre_ref, post_ref, bias_ref, kr_ref, ki_ref = _take(it, True, has_pre, has_post, has_bias, True, True)
-    c = {name: next(it) for name in _FUSED_CONSTANTS}
+    spectrum, real_inverse, names = _transforms(stages)
+    c = {name: next(it) for name in names}
     o_ref = next(it)
 
     def body(g, carry):  # channel g (cb = 1) or channels [g·cb, (g+1)·cb) side by side
@@ -243,7 +321,7 @@ def _fused_kernel(*refs, ht, cb, has_pre, has_post, has_bias, channels_first, pr
             x = x * _load(pre_ref, *at)
         k = (kr_ref[g], ki_ref[g])
         if cb == 1:
-            out = _real_inverse(_cmul(_spectrum(x, c, precision), k), c, precision)
+            out = real_inverse(_cmul(spectrum(x, c, precision), k), c, precision)
         else:
             out = _real_inverse_stacked(_cmul(_spectrum_stacked(x, c, precision), k), c, precision, cb)
         if has_bias:
@@ -258,11 +336,11 @@ def _fused_kernel(*refs, ht, cb, has_pre, has_post, has_bias, channels_first, pr
 
 def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype=jnp.float32,
                channels_first=False, interpret=False, precision="fp32"):
-    """The gated conv of a 2-stage plan in one kernel: x, pre (B, H, L_in), post (B, H, n_out) in any float
-    dtype (cast to fp32 inside); returns (B, H, n_out) in out_dtype. channels_first: every (B, H, ·) is
-    (H, B, ·) instead (the "hbl" layout)."""
+    """The gated conv of a 2-stage (or, `fused_stages`, dense 3-stage) plan in one kernel: x, pre (B, H, L_in),
+    post (B, H, n_out) in any float dtype (cast to fp32 inside); returns (B, H, n_out) in out_dtype.
+    channels_first: every (B, H, ·) is (H, B, ·) instead (the "hbl" layout)."""
     batch, channels, lead = _batch_channels(x, channels_first)
-    f0, f1 = plan.factors
+    f0, f1 = plan.factors[0], plan.rest0  # a tile is (rows, R_0): R_0 = f1 (2 stages) or f1·f2 (3)
     rows_in = _kernel_rows(plan.rows_in, f0)
     rows_out = _kernel_rows(plan.rows_out, f0)
     if bias is not None:
@@ -277,8 +355,9 @@ def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype
     if bias is not None:
         inputs.append(bias.astype(jnp.float32).reshape(channels, 1, 1))
     ht = _pow2_divisor(channels, max(TUNING.fused_channels, TUNING.fused_stack))
-    cb = min(TUNING.fused_stack, ht)
-    inputs += [_stack_spectrum(s, cb) for s in spec]
+    cb = 1 if plan.stages == 3 else min(TUNING.fused_stack, ht)  # 3 levels: one channel per dot
+    spec = [_stack_spectrum(_to_kernel_spectrum(s, plan), cb) for s in spec]
+    inputs += spec
     consts = _fused_constants(kplan, precision)
 
     def seq_spec(rows):
@@ -293,11 +372,11 @@ def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype
         in_specs.append(seq_spec(rows_out))
     if bias is not None:
         in_specs.append(pl.BlockSpec((ht, 1, 1), lambda b, h: (h, 0, 0)))
-    spec_block = (ht // cb, spec[0].shape[1] * cb, spec[0].shape[2])
+    spec_block = (ht // cb, *spec[0].shape[1:])
     in_specs += [pl.BlockSpec(spec_block, lambda b, h: (h, 0, 0))] * 2
     in_specs += [_full_spec(c) for c in consts]
     kernel = functools.partial(
-        _fused_kernel, ht=ht, cb=cb, has_pre=pre is not None, has_post=post is not None, has_bias=bias is not None,
+        _fused_kernel, ht=ht, cb=cb, stages=plan.stages, has_pre=pre is not None, has_post=post is not None, has_bias=bias is not None,
         channels_first=channels_first, precision=precision,
     )
     out = pl.pallas_call(
@@ -307,7 +386,9 @@ def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype
         in_specs=in_specs,
         out_specs=seq_spec(rows_out),
         interpret=interpret,
-        compiler_params=None if interpret else _compiler_params(),
+        # the 3-level tile (a whole N-point sequence) spills 1.7 KB/thread at 4 warps, 188 B at 8 (sm_90, N 8192)
+        compiler_params=None if interpret else _compiler_params(
+            num_warps=max(TUNING.num_warps, 8) if plan.stages == 3 else None),
         name="fftconv_fused",
     )(*inputs, *consts)
     return out.reshape(*lead, rows_out * f1)[..., : plan.n_out]
@@ -318,11 +399,12 @@ def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype
 # ----------------------------------------------------------------------------------------------------
 
 
-def _fused_bwd_kernel(*refs, batch, has_pre, has_post, has_bias, channels_first, precision):
+def _fused_bwd_kernel(*refs, batch, stages, has_pre, has_post, has_bias, channels_first, precision):
     it = iter(refs)
     u_ref, pre_ref, post_ref, bias_ref, dy_ref, kr_ref, ki_ref = _take(it, True, has_pre, has_post, has_bias,
                                                                        True, True, True)
-    c = {name: next(it) for name in _FUSED_CONSTANTS}
+    spectrum, real_inverse, names = _transforms(stages)
+    c = {name: next(it) for name in names}
     du_ref, dpre_ref, dpost_ref, dbias_ref, pr_ref, pi_ref = _take(it, True, has_pre, has_post, has_bias, True, True)
 
     pr_ref[0] = jnp.zeros(pr_ref.shape[1:], jnp.float32)
@@ -338,9 +420,9 @@ def _fused_bwd_kernel(*refs, batch, has_pre, has_post, has_bias, channels_first,
         dz = _load(dy_ref, *at)
         if has_post:
             dz = dz * _load(post_ref, *at)
-        dr, di = _spectrum(dz, c, precision)
+        dr, di = spectrum(dz, c, precision)
         kr, ki = kr_ref[0], ki_ref[0]
-        g = _real_inverse((kr * dr + ki * di, kr * di - ki * dr), c, precision)
+        g = real_inverse((kr * dr + ki * di, kr * di - ki * dr), c, precision)
         u = _load(u_ref, *at)
         pre = _load(pre_ref, *at) if has_pre else None
         x = u * pre if has_pre else u
@@ -350,11 +432,11 @@ def _fused_bwd_kernel(*refs, batch, has_pre, has_post, has_bias, channels_first,
         du_ref[at] = (g * pre if has_pre else g).astype(du_ref.dtype)
         if has_pre:
             dpre_ref[at] = (g * u).astype(dpre_ref.dtype)
-        xr, xi = _spectrum(x, c, precision)
+        xr, xi = spectrum(x, c, precision)
         pr_ref[0] += xr * dr + xi * di
         pi_ref[0] += xr * di - xi * dr
         if has_post:
-            z = _real_inverse(_cmul((xr, xi), (kr_ref[0], ki_ref[0])), c, precision)
+            z = real_inverse(_cmul((xr, xi), (kr_ref[0], ki_ref[0])), c, precision)
             if has_bias:
                 z = z + bias_ref[0] * x
             dpost_ref[at] = (_load(dy_ref, *at) * z).astype(dpost_ref.dtype)
@@ -365,7 +447,7 @@ def _fused_bwd_kernel(*refs, batch, has_pre, has_post, has_bias, channels_first,
 
 def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_first=False, interpret=False,
                         precision="fp32"):
-    """Every gradient of `conv_fused` on a 2-stage plan from one kernel pass (see `conv` for the math).
+    """Every gradient of `conv_fused` on a `fused_stages` plan from one kernel pass (see `conv` for the math).
 
     u, pre (B, H, L_in), post, dy (B, H, n_out) in any float dtype (cast to fp32 inside; du, dpre, dpost
     come back in u's, pre's and post's dtypes); spec the filter spectrum planes. One program per
@@ -377,7 +459,7 @@ def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_fi
     """
     batch, channels, lead = _batch_channels(u, channels_first)
     len_in = u.shape[-1]
-    f0, f1 = plan.factors
+    f0, f1 = plan.factors[0], plan.rest0
     rows = _kernel_rows(max(plan.rows_in, plan.rows_out), f0)
     kplan = dataclasses.replace(plan, rows_in=rows, rows_out=rows)
     pad = functools.partial(monarch.pad_rows, plan=kplan, rows=rows)  # (B, H, rows, f1) (or (H, B, …))
@@ -388,6 +470,7 @@ def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_fi
         inputs.append(pad(post))
     if bias is not None:
         inputs.append(bias.astype(jnp.float32).reshape(channels, 1, 1))
+    spec = [_to_kernel_spectrum(s, plan) for s in spec]
     inputs += [pad(dy), *spec]
     consts = _fused_constants(kplan, precision)
     if channels_first:
@@ -408,7 +491,7 @@ def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_fi
         out_specs.append(per_channel)
     out_shapes += [spec_shape, spec_shape]
     out_specs += [spec_block, spec_block]
-    kernel = functools.partial(_fused_bwd_kernel, batch=batch, has_pre=pre is not None, has_post=post is not None,
+    kernel = functools.partial(_fused_bwd_kernel, batch=batch, stages=plan.stages, has_pre=pre is not None, has_post=post is not None,
                                has_bias=bias is not None, channels_first=channels_first, precision=precision)
     outs = iter(pl.pallas_call(
         kernel,
@@ -417,7 +500,8 @@ def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_fi
         in_specs=in_specs,
         out_specs=tuple(out_specs),
         interpret=interpret,
-        compiler_params=None if interpret else _compiler_params(num_warps=_bwd_num_warps(plan.factors)),
+        compiler_params=None if interpret else _compiler_params(
+            num_warps=8 if plan.stages == 3 else _bwd_num_warps(plan.factors)),
         name="fftconv_fused_bwd",
     )(*inputs, *consts))
 
@@ -428,7 +512,7 @@ def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_fi
     dpre = time(next(outs), len_in) if pre is not None else None
     dpost = time(next(outs), plan.n_out) if post is not None else None
     dbias = jnp.sum(next(outs), axis=(1, 2)) if bias is not None else None
-    return du, dpre, dpost, dbias, (next(outs), next(outs))
+    return du, dpre, dpost, dbias, tuple(_from_kernel_spectrum(next(outs), plan) for _ in range(2))
 
 
 # ----------------------------------------------------------------------------------------------------
