@@ -132,7 +132,8 @@ def main() -> int:
                 ref = reference.get(group)
                 err = None if ref is None else float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
                 rows.append({**row, "ms": ms, "rel_l2_vs_default": err, "ok": err is None or err < 1e-2})
-                log(f"L={seqlen:>6} {layout} {group:>6} {label:>24}: {ms:8.3f} ms" + ("" if err is None else f"  (vs default {err:.1e})"))
+                versus = "" if err is None else f"  (vs default {err:.1e})"
+                log(f"L={seqlen:>6} {layout} {group:>6} {label:>24}: {ms:8.3f} ms{versus}")
     for r in rows:  # speed relative to jnp.fft at the same L and layout
         base = next((b["ms"] for b in rows if b["variant"] == "xla" and "ms" in b
                      and (b["L"], b["layout"], b["group"]) == (r["L"], r["layout"], r["group"])), None)

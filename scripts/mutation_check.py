@@ -118,7 +118,7 @@ MUTATIONS = [
              'drop_stopped = member_loop_for(tc.member_loop) == "map"', "drop_stopped = True",
              ("tests/test_mqar_vmap.py", "-k", "equals_runs and vmap")),
     Mutation("mqar-frozen-members-checkpointed", "lm/mqar/runner.py",
-             "if len(slot) > len(active) and not drop_stopped:", "if False:",
+             "if len(active) < len(runs) and not drop_stopped:", "if False:",
              ("tests/test_mqar_vmap.py", "-k", "frozen")),
 ]
 

@@ -135,7 +135,7 @@ def _conv_fwd_impl(u, k, bias, pre, post, cfg: OpConfig):
     plan = cfg.plan
     spec = monarch.filter_spectrum(k, plan)
     layout = cfg.layout
-    if cfg.impl == "pallas" and _pallas().fused_stages(plan):  # bf16 stays bf16 through the layout transposes
+    if cfg.impl == "pallas" and _pallas().uses_fused_kernels(plan):  # bf16 stays bf16 through the layout transposes
         from kernels.fftconv.pallas import conv_fused
 
         io = functools.partial(_fused_io, layout=layout)
@@ -163,7 +163,7 @@ def _bwd(cfg: OpConfig, res, dy):
     plan = cfg.plan
     layout = cfg.layout
     len_in = u.shape[seq_axis(layout)]
-    if cfg.impl == "pallas" and _pallas().fused_stages(plan):
+    if cfg.impl == "pallas" and _pallas().uses_fused_kernels(plan):
         from kernels.fftconv.pallas import conv_backward_fused
 
         io = functools.partial(_fused_io, layout=layout)

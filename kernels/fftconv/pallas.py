@@ -255,7 +255,7 @@ def _fused3_constants(kplan: Plan, precision):
     return [*dft(f0p), *tw0, *dft(f1p), *tw1, *dft(f2p), *dft(g2p), *dft(g1p), *tw1c, *tw0c, *dft(g0p)]
 
 
-def fused_stages(plan: Plan) -> bool:
+def uses_fused_kernels(plan: Plan) -> bool:
     """Whether `conv_fused` takes this plan: every 2-stage plan, and dense 3-stage plans up to
     `TUNING.fused3_max_fft`."""
     return plan.stages == 2 or (plan.stages == 3 and plan.dense and plan.n <= TUNING.fused3_max_fft)
@@ -336,8 +336,9 @@ def _fused_kernel(*refs, ht, cb, stages, has_pre, has_post, has_bias, channels_f
 
 def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype=jnp.float32,
                channels_first=False, interpret=False, precision="fp32"):
-    """The gated conv of a 2-stage (or, `fused_stages`, dense 3-stage) plan in one kernel: x, pre (B, H, L_in),
-    post (B, H, n_out) in any float dtype (cast to fp32 inside); returns (B, H, n_out) in out_dtype.
+    """The gated conv of a 2-stage (or, see `uses_fused_kernels`, dense 3-stage) plan in one kernel: x,
+    pre (B, H, L_in), post (B, H, n_out) in any float dtype (cast to fp32 inside); returns (B, H, n_out) in
+    out_dtype.
     channels_first: every (B, H, ·) is (H, B, ·) instead (the "hbl" layout)."""
     batch, channels, lead = _batch_channels(x, channels_first)
     f0, f1 = plan.factors[0], plan.rest0  # a tile is (rows, R_0): R_0 = f1 (2 stages) or f1·f2 (3)
@@ -376,8 +377,8 @@ def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype
     in_specs += [pl.BlockSpec(spec_block, lambda b, h: (h, 0, 0))] * 2
     in_specs += [_full_spec(c) for c in consts]
     kernel = functools.partial(
-        _fused_kernel, ht=ht, cb=cb, stages=plan.stages, has_pre=pre is not None, has_post=post is not None, has_bias=bias is not None,
-        channels_first=channels_first, precision=precision,
+        _fused_kernel, ht=ht, cb=cb, stages=plan.stages, has_pre=pre is not None, has_post=post is not None,
+        has_bias=bias is not None, channels_first=channels_first, precision=precision,
     )
     out = pl.pallas_call(
         kernel,
@@ -447,7 +448,8 @@ def _fused_bwd_kernel(*refs, batch, stages, has_pre, has_post, has_bias, channel
 
 def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_first=False, interpret=False,
                         precision="fp32"):
-    """Every gradient of `conv_fused` on a `fused_stages` plan from one kernel pass (see `conv` for the math).
+    """Every gradient of `conv_fused` (a `uses_fused_kernels` plan) from one kernel pass (see `conv` for the
+    math).
 
     u, pre (B, H, L_in), post, dy (B, H, n_out) in any float dtype (cast to fp32 inside; du, dpre, dpost
     come back in u's, pre's and post's dtypes); spec the filter spectrum planes. One program per
@@ -491,8 +493,9 @@ def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_fi
         out_specs.append(per_channel)
     out_shapes += [spec_shape, spec_shape]
     out_specs += [spec_block, spec_block]
-    kernel = functools.partial(_fused_bwd_kernel, batch=batch, stages=plan.stages, has_pre=pre is not None, has_post=post is not None,
-                               has_bias=bias is not None, channels_first=channels_first, precision=precision)
+    kernel = functools.partial(_fused_bwd_kernel, batch=batch, stages=plan.stages, has_pre=pre is not None,
+                               has_post=post is not None, has_bias=bias is not None,
+                               channels_first=channels_first, precision=precision)
     outs = iter(pl.pallas_call(
         kernel,
         out_shape=tuple(out_shapes),

@@ -573,13 +573,13 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
     record per run (see `run_record`); ``on_record(record)`` is called as soon as a run ends.
 
     Every member sees the same batches (order from `epoch_orders`), is evaluated after every epoch (or
-    ``train.eval_every_steps``) and leaves the stacked step once its test accuracy exceeds
-    ``train.early_stop_acc`` (with the ``map`` member loop it leaves the stacked state; with ``vmap`` it stays
-    in, frozen at learning rate 0, so that the step never recompiles: a compile costs ~40 s on an H200,
-    more than the extra member's compute). ``train.max_run_seconds`` caps the group's wall time (checked every step;
-    stop ``time_limit``). ``deadline`` (a ``time.perf_counter()`` value) stops the group before it, with
-    room for the queued steps, an evaluation and the checkpoint (stop ``time_budget``); Ctrl-C stops it with
-    stop ``interrupted`` and re-raises KeyboardInterrupt. In both cases the members' state is saved to
+    ``train.eval_every_steps``) and stops once its test accuracy exceeds ``train.early_stop_acc``: with the
+    ``map`` member loop it leaves the stacked state; with ``vmap`` it stays in, frozen at learning rate 0, so
+    that the step never recompiles (a compile costs ~40 s on an H200, more than the member's compute).
+    ``train.max_run_seconds`` caps the group's wall time (checked every step; stop ``time_limit``).
+    ``deadline`` (a ``time.perf_counter()`` value) stops the group before it, with room for the queued steps,
+    an evaluation and the checkpoint (stop ``time_budget``); Ctrl-C stops it with stop ``interrupted`` and
+    re-raises KeyboardInterrupt. In both cases the members' state is saved to
     ``checkpoint`` (if given) and a later call with the same runs resumes from it exactly.
     """
     import jax
@@ -719,7 +719,7 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
         try:
             jax.block_until_ready((params, opt_state, rest))
             state = (params, opt_state, rest)
-            if len(slot) > len(active) and not drop_stopped:  # frozen members are not saved
+            if len(active) < len(runs) and not drop_stopped:  # frozen members are not saved
                 state = _take_members(state, [slot[m] for m in active])
             save_checkpoint(checkpoint, state, {
                 "keys": [keys[m] for m in active],
