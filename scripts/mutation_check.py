@@ -119,7 +119,7 @@ MUTATIONS = [
              ("tests/test_mqar_vmap.py", "-k", "equals_runs and vmap")),
     Mutation("mqar-frozen-members-checkpointed", "lm/mqar/runner.py",
              "if len(active) < len(runs) and not drop_stopped:", "if False:",
-             ("tests/test_mqar_vmap.py", "-k", "frozen")),
+             ("tests/test_mqar_vmap.py", "-m", "slow", "-k", "frozen")),
 ]
 
 

@@ -363,7 +363,7 @@ def test_three_level_fused_kernel_matches_direct(layout):
     three levels inside (no XLA outer stage: no fftconv_inner in the jaxpr), matches the direct conv, and
     its gradient is one fused backward kernel with the default path's values; a sparse plan keeps the
     inner kernels."""
-    u, k, bias, pre, post = make_inputs(2, 3000, 4, 3000, seed=19)
+    u, k, bias, pre, post = make_inputs(2, 3000, 2, 3000, seed=19)
     to = _hbl if layout == "hbl" else (lambda a: a)
     args = (to(u), k, bias, to(pre), to(post))
 

@@ -349,6 +349,7 @@ def test_member_loop_setting_picks_the_step_structure(tmp_path, setting, expecte
     assert ("scan[" in jaxpr) == (expected == "map")
 
 
+@pytest.mark.slow  # three sweeps, ~30 s: the vmap loop is the accelerator default, CPU runs use map
 def test_frozen_members_are_not_checkpointed_and_a_rerun_resumes_the_rest(tmp_path, monkeypatch):
     """vmap loop: a member that early-stops stays in the step frozen; Ctrl-C after that saves only the
     members still training, and the rerun finishes them exactly as an uninterrupted run does."""
