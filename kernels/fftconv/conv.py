@@ -18,8 +18,9 @@ Backward (custom_vjp, same machinery): with dz = dy ⊙ post and x = pre ⊙ u,
     g  = Re IFFT(conj(K̂)·FFT(dz))[0:L] + bias ⊙ dz   (the forward conv with the conjugated spectrum)
     du = pre ⊙ g,  dpre = u ⊙ g,  dpost = dy ⊙ z (z recomputed),  dbias = Σ_{b,t} dz ⊙ x,
     dk = Re IFFT(M · Σ_b conj(FFT(x_b))·FFT(dz_b))[0:K]        (fp32 accumulation over the batch).
-impl="pallas" computes all of it in one kernel for 2-stage plans and g, z and the dk spectrum in one
-inner kernel for larger plans (`kernels.fftconv.pallas`); "xla-matmul" runs the three convolutions.
+impl="pallas" computes all of it in one kernel for 2-stage plans (and dense 3-stage plans within
+`pallas.TUNING.fused3_max_fft`) and g, z and the dk spectrum in one inner kernel for larger plans
+(`kernels.fftconv.pallas`); "xla-matmul" runs the three convolutions.
 """
 
 from __future__ import annotations
@@ -68,9 +69,7 @@ def _raw(cfg: OpConfig, x, spec, plan: Plan, pre=None, post=None, bias=None):
     if pre is not None:
         x = x * pre
     if cfg.impl == "pallas":
-        from kernels.fftconv.pallas import conv_inner
-
-        y = conv_inner(x, spec, plan, interpret=cfg.interpret, precision=cfg.precision)
+        y = _pallas().conv_inner(x, spec, plan, interpret=cfg.interpret, precision=cfg.precision)
     else:
         y = monarch.conv_xla_matmul(x, spec, plan, cfg.precision)
     if bias is not None:
@@ -135,12 +134,10 @@ def _conv_fwd_impl(u, k, bias, pre, post, cfg: OpConfig):
     plan = cfg.plan
     spec = monarch.filter_spectrum(k, plan)
     layout = cfg.layout
-    if cfg.impl == "pallas" and _pallas().uses_fused_kernels(plan):  # bf16 stays bf16 through the layout transposes
-        from kernels.fftconv.pallas import conv_fused
-
+    if cfg.impl == "pallas" and _pallas().uses_fused_kernels(plan):  # bf16 stays bf16 through the kernels
         io = functools.partial(_fused_io, layout=layout)
-        y = conv_fused(io(u), spec, plan, io(pre), io(post), bias, out_dtype=u.dtype, channels_first=layout == "hbl",
-                       interpret=cfg.interpret, precision=cfg.precision)
+        y = _pallas().conv_fused(io(u), spec, plan, io(pre), io(post), bias, out_dtype=u.dtype,
+                                 channels_first=layout == "hbl", interpret=cfg.interpret, precision=cfg.precision)
         return io(y), spec
     y = _raw(cfg, _bhl(u, layout), spec, plan, _bhl(pre, layout), _bhl(post, layout), bias)
     return _from_bhl(y, layout).astype(u.dtype), spec
@@ -164,12 +161,10 @@ def _bwd(cfg: OpConfig, res, dy):
     layout = cfg.layout
     len_in = u.shape[seq_axis(layout)]
     if cfg.impl == "pallas" and _pallas().uses_fused_kernels(plan):
-        from kernels.fftconv.pallas import conv_backward_fused
-
         io = functools.partial(_fused_io, layout=layout)
-        du, dpre, dpost, dbias, prod = conv_backward_fused(io(u), spec, plan, io(pre), io(post), bias, io(dy),
-                                                           channels_first=layout == "hbl",
-                                                           interpret=cfg.interpret, precision=cfg.precision)
+        du, dpre, dpost, dbias, prod = _pallas().conv_backward_fused(
+            io(u), spec, plan, io(pre), io(post), bias, io(dy), channels_first=layout == "hbl",
+            interpret=cfg.interpret, precision=cfg.precision)
         dk = _dk_from_spectrum_product(prod, plan, k, cfg.precision)
         return io(du), dk, None if bias is None else dbias.astype(bias.dtype), io(dpre), io(dpost)
     ut, pret, postt, dyt = (_bhl(a, layout) for a in (u, pre, post, dy))
@@ -177,10 +172,8 @@ def _bwd(cfg: OpConfig, res, dy):
     dz = dyt if postt is None else dyt * postt
     bplan = _backward_plan(plan, len_in)
     if cfg.impl == "pallas":  # other ≥ 3-stage plans: the three convolutions in one inner kernel
-        from kernels.fftconv.pallas import conv_backward_inner
-
-        g, z, prod = conv_backward_inner(x, dz, spec, plan, bplan, with_z=post is not None,
-                                         interpret=cfg.interpret, precision=cfg.precision)
+        g, z, prod = _pallas().conv_backward_inner(x, dz, spec, plan, bplan, with_z=post is not None,
+                                                   interpret=cfg.interpret, precision=cfg.precision)
         if bias is not None:
             b = bias.astype(jnp.float32)[:, None]
             g = g + b * dz[..., :len_in]

@@ -58,7 +58,7 @@ from kernels.fftconv.reference import next_power_of_two
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Launch settings of the forward kernels, for sweeps on a GPU (`scripts/gpu_kernel_sweep.py`).
+    """Launch settings and path choices of the kernels, for sweeps on a GPU (`scripts/gpu_kernel_sweep.py`).
 
     fused_channels / inner_channels / inner_rows: the most channels (rows) one program loops over (powers of
     two; the grid covers the rest). fused_stack: channels the fused forward kernel transforms together, side
