@@ -57,6 +57,7 @@ def _solo_test_metrics(model, x, pos, y):
 
 
 _SOLO_HISTORIES: dict = {}  # (run key, eval steps) -> history: both member loops compare with the same runs
+_SOLO_TX: dict = {}  # lr -> optimizer: runs with one lr (seeds) share it, so their step compiles once
 
 
 def _solo_history(cfg, run, train, test, eval_steps):
@@ -80,11 +81,13 @@ def _train_alone(cfg, run, train, test, eval_steps):
     model = LM(runner.model_config_for(cfg, run), rngs=nnx.Rngs(params=run.seed, dropout=run.seed + 1))
     bs = run.point.batch_size
     spe = train.inputs.shape[0] // bs
-    tx = make_optimizer(OptimizerConfig(lr=run.lr, min_lr_ratio=tc.min_lr_ratio, warmup_steps=tc.warmup_steps,
-                                        b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
-                                        grad_clip=tc.grad_clip, filter_weight_decay=0.0),
-                        spe * tc.max_epochs, model_label_map(model))
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    if run.lr not in _SOLO_TX:
+        _SOLO_TX[run.lr] = make_optimizer(
+            OptimizerConfig(lr=run.lr, min_lr_ratio=tc.min_lr_ratio, warmup_steps=tc.warmup_steps, b1=tc.b1,
+                            b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
+                            filter_weight_decay=0.0), spe * tc.max_epochs, model_label_map(model))
+    opt = nnx.Optimizer(model, _SOLO_TX[run.lr], wrt=nnx.Param)
+    step = nnx.cached_partial(_solo_step, model, opt)
 
     out = {}
     orders = runner.epoch_orders(cfg.data.train_seed, train.inputs.shape[0], cfg.data.reshuffle)
@@ -94,7 +97,7 @@ def _train_alone(cfg, run, train, test, eval_steps):
         if i == 0:
             order = next(orders)
         idx = order[i * bs:(i + 1) * bs]
-        loss = _solo_step(model, opt, *(jnp.asarray(a[idx]) for a in (train.inputs, train.positions, train.targets)))
+        loss = step(*(jnp.asarray(a[idx]) for a in (train.inputs, train.positions, train.targets)))
         if s + 1 in eval_steps:
             model.eval()
             acc, tl = _solo_test_metrics(model, *(jnp.asarray(a) for a in (test.inputs, test.positions, test.targets)))
