@@ -2,7 +2,8 @@
 """Launch-setting sweep of the Pallas fftconv kernels on a GPU (<= 5 minutes): which knob moves the time.
 
 For each L (default 1K: the fused 2-stage kernel; 4K and 16K: the inner kernel after XLA's outer stage, and
-at 4K also the 3-level fused kernel, `Tuning.fused3_max_fft`),
+at 4K also the 3-level fused kernel, `Tuning.fused3_max_fft`; at 4K and 16K the partial conv K = L/16 as the
+one overlap-save kernel against the overlap-add chunks, `Tuning.overlap_save`),
 bf16 gated forward at the B x H of `scripts/gpu_check.py`, times jnp.fft ("xla", re-measured here) and
 impl="pallas" under each `kernels.fftconv.pallas.Tuning` variant and activation layout ("blh", or "hbl" =
 the kernels' own order, no transposes), inputs rotated beyond L2, `jax.clear_caches()` between variants.
@@ -30,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from kernels.fftconv import fftconv, pallas  # noqa: E402
 from kernels.fftconv.bench import machine_info  # noqa: E402
+from kernels.fftconv.conv import overlap_save_chunk  # noqa: E402
 from kernels.fftconv.gpu_check import FULL_SHAPES, device_inputs, device_name, time_rotating  # noqa: E402
 
 # (label, Tuning changes); the first is the default every other variant is compared with.
@@ -55,6 +57,8 @@ VARIANTS = [  # the most promising first: a time budget cuts the tail
 # Also timed as forward+backward (grad w.r.t. u, k, bias and both gates), at the lengths where the 3-level
 # fused kernels apply.
 GRAD_VARIANTS = ("xla", "default", "3-level fused")
+# The partial conv (K = L/16; group "partial") where the overlap-save kernel applies (4 chunks or more).
+PARTIAL_VARIANTS = [("xla", None), ("default", {}), ("overlap-add partial", {"overlap_save": False})]
 FUSED_ONLY = ("fused ",)  # variants that change nothing on >= 3-stage plans, and vice versa
 INNER_ONLY = ("inner ", "fp32 planes")
 
@@ -103,20 +107,24 @@ def main() -> int:
             runs = [("fwd", label, changes) for label, changes in every[:3]]  # jnp.fft, default, 3-level
             if applies("3-level", seqlen):
                 runs += [("fwdbwd", label, changes) for label, changes in every if label in GRAD_VARIANTS]
+            if overlap_save_chunk(seqlen, seqlen // 16):
+                runs += [("partial", label, changes) for label, changes in PARTIAL_VARIANTS]
             runs += [("fwd", label, changes) for label, changes in every[3:]]
             for group, label, changes in runs:
-                if label != "xla" and not applies(label, seqlen):
+                if label != "xla" and group != "partial" and not applies(label, seqlen):
                     continue
-                row = dict(L=seqlen, B=batch, H=channels, layout=layout, group=group, variant=label, tuning=changes)
+                ksize = seqlen // 16 if group == "partial" else seqlen
+                row = dict(L=seqlen, K=ksize, B=batch, H=channels, layout=layout, group=group, variant=label,
+                           tuning=changes)
                 if time.perf_counter() - t_start > args.budget_s:
                     rows.append({**row, "skipped": "time budget"})
                     continue
                 impl = "xla" if changes is None else "pallas"
                 jax.clear_caches()
-                def conv(u, k, b, pre, post, impl=impl, layout=layout):
-                    return fftconv(u, k, b, pre_gate=pre, post_gate=post, impl=impl, layout=layout)
+                def conv(u, k, b, pre, post, impl=impl, layout=layout, ksize=ksize):
+                    return fftconv(u, k[:ksize], b, pre_gate=pre, post_gate=post, impl=impl, layout=layout)
 
-                fn = jax.jit(conv if group == "fwd" else jax.grad(
+                fn = jax.jit(conv if group != "fwdbwd" else jax.grad(
                     lambda *a: jnp.sum(conv(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)))
                 try:
                     with pallas.tuning(**(changes or {})):
@@ -147,16 +155,16 @@ def main() -> int:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
     lines = [f"# Pallas launch-setting sweep on {info['device_kind']} ({info['backend']})", "",
-             f"Machine: `{json.dumps(info)}`. bf16 gated conv, forward (fwd) or forward+backward (fwdbwd); "
-             "× jnp.fft = jnp.fft time / this time.", "",
-             "| L | B×H | layout | group | variant | ms | × jnp.fft | rel. L2 vs default |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"Machine: `{json.dumps(info)}`. bf16 gated conv, forward (fwd), forward+backward (fwdbwd) or the "
+             "partial forward (K = L/16); × jnp.fft = jnp.fft time / this time.", "",
+             "| L | K | B×H | layout | group | variant | ms | × jnp.fft | rel. L2 vs default |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         note = r.get("skipped") or r.get("error")
         ms = f"{r['ms']:.3f}" if note is None else note[:60]
         speed = f"{r['speed_vs_jnpfft']:.2f}" if r.get("speed_vs_jnpfft") else "-"
         err = f"{r['rel_l2_vs_default']:.1e}" if r.get("rel_l2_vs_default") is not None else "-"
-        lines.append(f"| {r['L']} | {r['B']}×{r['H']} | {r['layout']} | {r['group']} | {r['variant']} | {ms} | {speed} | "
+        lines.append(f"| {r['L']} | {r['K']} | {r['B']}×{r['H']} | {r['layout']} | {r['group']} | {r['variant']} | {ms} | {speed} | "
                      f"{err} |")
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(rows, info, Path(f"{stem}.png"))

@@ -10,7 +10,8 @@ Toolchain (too heavy for CI; a Python 3.12 venv with the jax the GPU machines ru
 
     python3.12 -m venv /tmp/kvenv && /tmp/kvenv/bin/pip install "jax==0.11.2" triton ml_dtypes numpy
     JAX_PLATFORMS=cpu /tmp/kvenv/bin/python scripts/kernel_resources.py --out /tmp/kr [--lens 1024 4096]
-        [--precisions bf16 fp32] [--num-warps 4] [--tuning fused_stack=4 num_warps=8] [--fail-on-spill]
+        [--precisions bf16 fp32] [--num-warps 4] [--tuning fused_stack=4 num_warps=8] [--partial]
+        [--fail-on-spill]
 
 Prints one row per kernel (L, precision, kernel, grid, registers, stack, spill stores/loads, shared
 memory); --fail-on-spill exits 1 if any kernel spills. Uses private JAX hooks (the Triton lowering entry
@@ -66,7 +67,7 @@ def capture_ttir(out: Path):
     return captured
 
 
-def export_case(seqlen, precision, backward):
+def export_case(seqlen, precision, backward, ksize):
     import jax
     import jax.numpy as jnp
     from jax import export
@@ -85,7 +86,7 @@ def export_case(seqlen, precision, backward):
     if backward:
         fn = jax.grad(lambda *a: jnp.sum(fwd(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4))
     act = jax.ShapeDtypeStruct((batch, seqlen, channels), jnp.bfloat16)
-    args = (act, jax.ShapeDtypeStruct((seqlen, channels), jnp.float32), act, act,
+    args = (act, jax.ShapeDtypeStruct((ksize, channels), jnp.float32), act, act,
             jax.ShapeDtypeStruct((channels,), jnp.float32))
     export.export(jax.jit(fn), platforms=["cuda"],
                   disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
@@ -123,6 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--backward", action="store_true", help="export the gradient too")
     parser.add_argument("--tuning", nargs="*", default=[], metavar="FIELD=INT",
                         help="kernels.fftconv.pallas.Tuning changes, e.g. fused_stack=4 num_warps=8")
+    parser.add_argument("--partial", action="store_true", help="filters of K = L/16 (gpu_check's partial mode)")
     parser.add_argument("--fail-on-spill", action="store_true")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     for seqlen in args.lens:
         for precision in args.precisions:
             start = len(captured)
-            export_case(seqlen, precision, args.backward)
+            export_case(seqlen, precision, args.backward, max(1, seqlen // 16) if args.partial else seqlen)
             for index, item in enumerate(captured[start:]):
                 path = item["path"].rename(out / f"L{seqlen}_{precision}_{index}.ttir")
                 try:

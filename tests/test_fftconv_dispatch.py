@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import pytest
 
 from kernels.fftconv import FFTConvError, fftconv, monarch
-from kernels.fftconv.conv import chunk_size
+from kernels.fftconv.conv import chunk_size, overlap_save_chunk
 from kernels.fftconv.reference import direct_causal_conv_np
 
 from test_fftconv import FP32_TOL, make_inputs, rel_l2
@@ -57,16 +57,21 @@ def test_public_op_runs_the_requested_impl(impl):
 
 @pytest.mark.parametrize("impl", ["xla-matmul", "pallas"])
 def test_partial_filter_runs_block_toeplitz_on_the_public_op(impl):
-    """K = 100 <= L/4: chunks of C = 128 with 256-point (16 x 16) plans, not the dense 4096-point plan
-    (64 x 64); the result is the K-tap causal conv (float64 direct reference)."""
+    """K = 100 <= L/4: chunks, not the dense 4096-point plan (64 x 64). xla-matmul: C = 128 with 256-point
+    (16 x 16) plans, overlap-added; pallas: the overlap-save kernel over C = 512 (1024-point, 32 x 32
+    plans; its grid walks the L / C chunks). The result is the K-tap causal conv (float64 direct reference)."""
     batch, seqlen, ksize = 2, 2048, 100
     u, k, bias, pre, post = make_inputs(batch, seqlen, 2, ksize, seed=3)
-    c = chunk_size(seqlen, ksize)
-    assert c == 128
     eqns = traced(u, k, impl=impl)
-    reshapes = {tuple(eqn.outvars[0].aval.shape) for eqn in eqns if eqn.primitive.name == "reshape"}
-    assert (batch * seqlen // c, c, 2) in reshapes
-    assert dft_sizes(eqns) == set(monarch.plan_factors(2 * c)) == {16}
+    if impl == "pallas":
+        c = overlap_save_chunk(seqlen, ksize)
+        (call,) = [eqn for eqn in eqns if eqn.primitive.name == "pallas_call"]
+        assert c == 512 and tuple(call.params["grid_mapping"].grid)[-1] == seqlen // c
+    else:
+        c = chunk_size(seqlen, ksize)
+        reshapes = {tuple(eqn.outvars[0].aval.shape) for eqn in eqns if eqn.primitive.name == "reshape"}
+        assert c == 128 and (batch * seqlen // c, c, 2) in reshapes
+    assert dft_sizes(eqns) == set(monarch.plan_factors(2 * c))
     y = fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl=impl)
     assert rel_l2(y, direct_causal_conv_np(u, k, bias, pre, post)) < FP32_TOL
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kernels.fftconv import fftconv, monarch, pallas
-from kernels.fftconv.conv import chunk_size
+from kernels.fftconv.conv import chunk_size, overlap_save_chunk
 from kernels.fftconv.reference import direct_causal_conv, direct_causal_conv_np
 
 from test_fftconv import BF16_TOL, FP32_TOL, make_inputs, rel_l2
@@ -104,6 +104,55 @@ def test_plain_and_partial_matches_direct(impl, seqlen, ksize):
 def test_partial_uses_block_toeplitz_chunks():
     assert chunk_size(4096, 100) == 128 and chunk_size(4096, 1000) == 1024
     assert chunk_size(4096, 1025) is None and chunk_size(300, 37) is None
+    # the fused overlap-save kernel: C >= 512 (16-row half windows), a 2-stage 2C plan, 4C <= L
+    assert overlap_save_chunk(2048, 100) == 512 and overlap_save_chunk(16384, 1024) == 1024
+    assert overlap_save_chunk(16384, 2048) == 2048 and overlap_save_chunk(65536, 4096) is None  # 2C = 8192
+    assert overlap_save_chunk(2047, 100) is None and overlap_save_chunk(4096, 1025) is None
+
+
+@pytest.mark.parametrize("layout", ["blh", "hbl"])
+def test_partial_is_one_overlap_save_kernel(layout):
+    """impl="pallas", K <= L/4: the forward is ONE kernel (fftconv_partial) whose grid walks the chunks
+    (B, channel tiles, ceil(L / C)) and reads u and the gates in the given layout and dtype; it matches the
+    direct conv with gates and bias for an L that is not a multiple of C (padded last chunk) and a filter
+    longer than half a chunk (taps reach into the previous chunk); the gradient runs through the
+    overlap-add chunks and matches the direct conv's; `tuning(overlap_save=False)` gives the same result
+    from the overlap-add kernels."""
+    seqlen, ksize = 2500, 300  # C = 512: 5 chunks, the last one 452 samples
+    u, k, bias, pre, post = make_inputs(2, seqlen, 3, ksize, seed=22, dtype=jnp.bfloat16)
+    to = _hbl if layout == "hbl" else (lambda a: a)
+    args = (to(u), k, bias, to(pre), to(post))
+
+    def conv(u, k, bias, pre, post):
+        return fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl="pallas", layout=layout)
+
+    (call,) = kernel_calls(conv, *args)
+    assert kernel_name(call) == "fftconv_partial" and tuple(call.params["grid_mapping"].grid) == (2, 3, 5)
+    assert _kernel_io_dtypes(conv, *args)["fftconv_partial"] == ({"bfloat16"}, {"bfloat16"})
+    y = conv(*args)
+    assert y.dtype == jnp.bfloat16 and y.shape == args[0].shape
+    y = np.asarray(jnp.transpose(y, (1, 2, 0)) if layout == "hbl" else y, np.float64)
+    f32 = [np.asarray(jnp.asarray(a, jnp.float32)) for a in (u, k, bias, pre, post)]
+    assert rel_l2(y, direct_causal_conv_np(*f32)) < BF16_TOL
+    with pallas.tuning(overlap_save=False):
+        jax.clear_caches()
+        assert _pallas_calls(conv, *args) == ["fftconv_fused"]
+        y_add = np.asarray(jnp.asarray(conv(*args), jnp.float32), np.float64)
+    jax.clear_caches()
+    assert rel_l2(np.transpose(y_add, (1, 2, 0)) if layout == "hbl" else y_add, y) < BF16_TOL
+
+    w = make_inputs(2, seqlen, 3, ksize, seed=23)[0]
+    args32 = [jnp.asarray(a, jnp.float32) for a in (u, k, bias, pre, post)]
+    ref = _grads(direct_causal_conv, *args32, w)
+
+    def loss(u, k, bias, pre, post):
+        return jnp.sum(to(w) * conv(to(u), k, bias, to(pre), to(post)))
+
+    assert _pallas_calls(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), *args32) == [
+        "fftconv_partial", "fftconv_fused", "fftconv_fused_bwd"]  # backward: the overlap-add chunks' VJP
+    got = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*args32)
+    for name, g, r in zip(("u", "k", "bias", "pre", "post"), got, ref):
+        assert rel_l2(g, np.asarray(r, np.float64)) < 1e-5, name
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -355,6 +404,26 @@ def test_stacked_fused_kernel_matches_direct(layout):
     ref = (fft_ref(x, k) + x * np.asarray(bias, np.float64)) * np.asarray(post, np.float64)
     y = np.transpose(np.asarray(y), (1, 2, 0)) if layout == "hbl" else np.asarray(y)
     assert rel_l2(y, ref) < FP32_TOL
+
+
+def test_stacked_overlap_save_kernel_matches_direct():
+    """`tuning(fused_stack=4)` on the partial conv: the overlap-save kernel transforms 4 channels per dot
+    (first-stage dots 4·f1 wide, for the chunk and its predecessor) and still computes the gated conv."""
+    seqlen, ksize = 2048, 200
+    u, k, bias, pre, post = make_inputs(1, seqlen, 8, ksize, seed=24)
+
+    def conv(u, k, bias, pre, post):
+        return fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl="pallas")
+
+    f0, f1 = monarch.plan_factors(2 * overlap_save_chunk(seqlen, ksize))
+    jax.clear_caches()
+    with pallas.tuning(fused_stack=4):
+        assert _pallas_calls(conv, u, k, bias, pre, post) == ["fftconv_partial"]
+        shapes = _kernel_dot_shapes(conv, u, k, bias, pre, post)
+        y = conv(u, k, bias, pre, post)
+    jax.clear_caches()
+    assert sum(a == (f0, f0 // 2) and b == (f0 // 2, 4 * f1) for a, b in shapes) == 4, shapes  # 2 halves × (re, im)
+    assert rel_l2(y, direct_causal_conv_np(u, k, bias, pre, post)) < FP32_TOL
 
 
 @pytest.mark.parametrize("layout", ["hbl", pytest.param("blh", marks=pytest.mark.slow)])

@@ -47,11 +47,12 @@ def test_gpu_uses_triton_compiler_params():
 
 
 # Every plan shape `impl="auto"` may pick (the tuned table can name pallas at any FFT size): the fused
-# 2-stage kernel, the inner kernel after 1 or 2 outer XLA stages, the block-Toeplitz partial chunks and
-# a frequency-sparse plan; bf16 inputs at their default precision, then each other precision on the
+# 2-stage kernel, the inner kernel after 1 or 2 outer XLA stages, the partial conv as the overlap-save
+# kernel (L >= 4·512) and as overlap-added chunks (shorter L), and a frequency-sparse plan; bf16 inputs at their default precision, then each other precision on the
 # fused and 3-stage plans (the 4-stage plan and the full matrix are in -m slow).
 PLANS = {"fused": (256, 256, False), "inner-3stage": (4096, 4096, False), "partial": (4096, 256, False),
-         "freq-sparse": (4096, 4096, True), "inner-4stage": (1 << 18, 1 << 18, False)}
+         "partial-overlap-add": (1000, 60, False), "freq-sparse": (4096, 4096, True),
+         "inner-4stage": (1 << 18, 1 << 18, False)}
 OTHER_PRECISIONS = ["fp32", "bf16x3", "tf32", "fp16"]
 
 
@@ -80,7 +81,7 @@ def _cases(plans, precisions, slow=False):
 
 
 @pytest.mark.parametrize("platform,plan_name,precision",
-                         _cases(["fused", "inner-3stage", "partial", "freq-sparse"], ["bf16"])
+                         _cases(["fused", "inner-3stage", "partial", "partial-overlap-add", "freq-sparse"], ["bf16"])
                          + _cases(["fused", "inner-3stage"], OTHER_PRECISIONS)
                          + _cases(["inner-4stage"], ["bf16", *OTHER_PRECISIONS], slow=True)
                          + _cases(["partial", "freq-sparse"], OTHER_PRECISIONS, slow=True))
@@ -95,7 +96,8 @@ def _kernel_dot_shapes(fn, *args) -> list[tuple[tuple, tuple]]:
 
 
 @pytest.mark.parametrize("seqlen,ksize,mask_name", [
-    (256, 256, None), (256, 256, "lowpass"), (1000, 60, None), (4096, 4096, "lowpass"), (5000, 5000, "rows"),
+    (256, 256, None), (256, 256, "lowpass"), (1000, 60, None), (4096, 256, None), (4096, 4096, "lowpass"),
+    (5000, 5000, "rows"),
     (16384, 16384, "lowpass"), (16384, 16384, None)])
 def test_kernel_dots_fit_the_tensor_core_tile(seqlen, ksize, mask_name):
     """Every in-kernel dot is at least 16 in M, N and K (Triton's tl.dot minimum; an 8-wide bf16 dot of a
@@ -117,15 +119,16 @@ def test_kernel_dots_fit_the_tensor_core_tile(seqlen, ksize, mask_name):
     assert not small, f"dots below {monarch.MIN_DOT}: {small}"
 
 
-@pytest.mark.parametrize("seqlen,changes", [(1024, {"fused_stack": 4, "num_warps": 8}),
-                                             (4096, {"fused3_max_fft": 8192})])
-def test_tuned_fused_kernels_lower_for_cuda(seqlen, changes, monkeypatch):
-    """The stacked fused kernel and the 3-level fused kernel (3-D transposes and reshapes around the dots)
-    lower through Triton."""
+@pytest.mark.parametrize("seqlen,ksize,changes", [(1024, 1024, {"fused_stack": 4, "num_warps": 8}),
+                                                   (4096, 4096, {"fused3_max_fft": 8192}),
+                                                   (4096, 256, {"fused_stack": 4})])  # stacked overlap-save
+def test_tuned_fused_kernels_lower_for_cuda(seqlen, ksize, changes, monkeypatch):
+    """The stacked fused kernel (dense and overlap-save) and the 3-level fused kernel (3-D transposes and
+    reshapes around the dots) lower through Triton."""
     jax.clear_caches()
     monkeypatch.setattr(pallas, "_compiler_params", functools.partial(pallas._compiler_params, "gpu"))
     u = jax.ShapeDtypeStruct((2, seqlen, 32), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((seqlen, 32), jnp.float32)
+    k = jax.ShapeDtypeStruct((ksize, 32), jnp.float32)
     with pallas.tuning(**changes):
         exported = export.export(jax.jit(lambda u, k: conv.fftconv_matmul(u, k, None, u, u, impl="pallas",
                                                                           interpret=False)),

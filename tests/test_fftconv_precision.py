@@ -17,7 +17,7 @@ import pytest
 
 from kernels.fftconv import FFTConvError, fftconv, monarch
 from kernels.fftconv import precision as prec
-from kernels.fftconv.conv import chunk_size
+from kernels.fftconv.conv import chunk_size, overlap_save_chunk
 from kernels.fftconv.reference import direct_causal_conv_np
 
 from jaxpr_walk import equations
@@ -47,10 +47,12 @@ def expected_dot(precision: str):
 
 FILTER_DOT = (("float32", "float32"), "(Precision.HIGHEST, Precision.HIGHEST)", "float32")
 
-CASES = {  # name: (L, K, freq_mask?)  — 2-stage fused, 3-stage inner, partial (chunked), freq-sparse
+CASES = {  # name: (L, K, freq_mask?)  — 2-stage fused, 3-stage inner, partial (overlap-added chunks; for
+    # pallas at L >= 2048 the overlap-save kernel), freq-sparse
     "dense-2stage": (1000, 1000, False),
     "dense-3stage": (2100, 2100, False),
     "partial": (1000, 100, False),
+    "partial-long": (2048, 200, False),
     "freq-sparse": (1000, 1000, True),
 }
 
@@ -69,11 +71,13 @@ def _case(name, batch=1, channels=2):
     return (u, k, bias, pre, post), mask, ref
 
 
-def _plan(case):
+def _plan(case, impl):
     """The plan whose filter spectrum the op computes (the chunk plan for the block-Toeplitz partial)."""
     seqlen, ksize, sparse = CASES[case]
     mask = monarch.lowpass_mask(seqlen, ksize, 0.25) if sparse else None
     c = None if sparse else chunk_size(seqlen, ksize)
+    if c is not None and impl == "pallas":
+        c = overlap_save_chunk(seqlen, ksize) or c
     if c is not None:
         return monarch.make_plan(c, ksize, 2 * c, n=2 * c)
     return monarch.make_plan(seqlen, ksize, seqlen, mask)
@@ -95,7 +99,7 @@ def test_error_within_documented_bound_and_dots_as_intended(impl, case, precisio
     assert y.dtype == jnp.float32
     assert rel_l2(y, ref) <= prec.ERROR_BOUNDS[precision]
 
-    plan = _plan(case)
+    plan = _plan(case, impl)
     spectrum = collect_dots(lambda k: monarch.filter_spectrum(k, plan), k)
     assert set(spectrum) == {(False, *FILTER_DOT)}
     dots = collect_dots(run, u, k)

@@ -10,6 +10,10 @@ Modes (both are static parameters of the same op; both equal a dense conv with a
   and the two halves are overlap-added. With K ≤ C only the diagonal and first sub-diagonal blocks of
   the causal conv matrix are non-zero; all other blocks are skipped (O(L·log C) instead of O(L·log L)
   work; spectrum memory 2C instead of 2L per channel). The result is exactly the K-tap causal conv.
+  impl="pallas" runs the forward as ONE kernel instead (`overlap_save_chunk`, `pallas.Tuning.overlap_save`):
+  overlap-save over chunks of C ≥ 512 (2C ≤ 4096, a 2-stage plan), each program reading its chunk and
+  the one before it and writing C outputs, gates and bias fused, in the layout given; its gradient
+  is the VJP of the overlap-add chunks above.
 * frequency-sparse (`freq_mask`, a static (G0, G1) boolean block mask): y = Re IFFT(FFT(x)·FFT(k)·M)
   over the plan's N-point FFT, M = `monarch.expand_freq_mask(freq_mask, N)`. Zero rows/columns of the
   block grid are skipped in every matmul (see `monarch`).
@@ -40,6 +44,8 @@ from kernels.fftconv.reference import next_power_of_two
 
 MATMUL_IMPLS = ("xla-matmul", "pallas")
 CHUNK_MIN = 128  # smallest chunk (2C = 256 = smallest plan)
+# smallest overlap-save chunk: half the 2C window's f0 time rows must fill a dot (monarch.MIN_DOT = 16)
+OVERLAP_SAVE_CHUNK_MIN = 512  # 2C = 1024 = 32·32
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,13 @@ def chunk_size(seqlen: int, ksize: int) -> int | None:
     """Chunk length C for the block-Toeplitz partial conv, or None when the dense plan is used."""
     c = max(CHUNK_MIN, next_power_of_two(ksize))
     return c if 4 * c <= seqlen else None
+
+
+def overlap_save_chunk(seqlen: int, ksize: int) -> int | None:
+    """Chunk length C of the fused overlap-save kernel (impl "pallas"), or None where it does not apply:
+    C = max(OVERLAP_SAVE_CHUNK_MIN, next_pow2(K)), with a 2-stage 2C-point plan and 4C ≤ L."""
+    c = max(OVERLAP_SAVE_CHUNK_MIN, next_power_of_two(ksize))
+    return c if len(monarch.plan_factors(2 * c)) == 2 and 4 * c <= seqlen else None
 
 
 def _raw(cfg: OpConfig, x, spec, plan: Plan, pre=None, post=None, bias=None):
@@ -209,6 +222,36 @@ def _dk_from_spectrum_product(prod, plan: Plan, k, precision: str = "fp32"):
 monarch_conv.defvjp(_fwd, _bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def overlap_save_conv(u, k, bias, pre, post, cfg: OpConfig):
+    """The partial conv by the fused overlap-save kernel: cfg.plan is the 2C-point chunk plan (K ≤ C); u,
+    the gates and the result (any L) in cfg.layout, y in u's dtype."""
+    spec = monarch.filter_spectrum(k, cfg.plan)
+    io = functools.partial(_fused_io, layout=cfg.layout)
+    y = _pallas().conv_fused(io(u), spec, cfg.plan, io(pre), io(post), bias, out_dtype=u.dtype,
+                             channels_first=cfg.layout == "hbl", interpret=cfg.interpret, precision=cfg.precision,
+                             overlap_save=True)
+    return io(y)
+
+
+def _overlap_save_fwd(u, k, bias, pre, post, cfg):
+    return overlap_save_conv(u, k, bias, pre, post, cfg), (u, k, bias, pre, post)
+
+
+def _overlap_save_bwd(cfg: OpConfig, res, dy):
+    """Gradients of the same conv through the overlap-add chunks of the same C: JAX's VJP of that path
+    (its forward conv, which dpost needs, then its fused backward kernel)."""
+    def conv(u, k, bias, pre, post):
+        u, pre, post = (as_blh(a, cfg.layout) for a in (u, pre, post))
+        return from_blh(_overlap_add_conv(u, k, bias, pre, post, cfg.plan.n // 2, cfg.impl, cfg.interpret,
+                                          cfg.precision), cfg.layout)
+
+    return jax.vjp(conv, *res)[1](dy)
+
+
+overlap_save_conv.defvjp(_overlap_save_fwd, _overlap_save_bwd)
+
+
 def _check_mask(freq_mask, seqlen, ksize):
     grid = np.asarray(freq_mask)
     if grid.dtype != np.bool_:
@@ -251,20 +294,30 @@ def _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, *, freq_mask, impl, int
         plan = monarch.make_plan(seqlen, ksize, seqlen, freq_mask, min_keep=monarch.MIN_DOT if impl == "pallas" else 1)
         cfg = OpConfig(impl, plan, bool(interpret), precision, layout)
         return monarch_conv(u, k, bias, pre_gate, post_gate, cfg)
+    c_save = overlap_save_chunk(seqlen, ksize) if impl == "pallas" and _pallas().TUNING.overlap_save else None
+    if c_save is not None:
+        plan = monarch.make_plan(2 * c_save, ksize, 2 * c_save, n=2 * c_save)
+        return overlap_save_conv(u, k, bias, pre_gate, post_gate, OpConfig(impl, plan, interpret, precision, layout))
     if layout != "blh":  # the chunked path works in (B, L, H)
         u, pre_gate, post_gate = (as_blh(a, layout) for a in (u, pre_gate, post_gate))
         y = _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, freq_mask=None, impl=impl, interpret=interpret,
                                 precision=precision, layout="blh")
         return from_blh(y, layout)
-    # Block-Toeplitz partial conv: chunks of C, each a full 2C-point linear conv, overlap-added.
-    batch, _, channels = u.shape
+    return _overlap_add_conv(u, k, bias, pre_gate, post_gate, c, impl, interpret, precision)
+
+
+def _overlap_add_conv(u, k, bias, pre_gate, post_gate, c: int, impl: str, interpret: bool, precision: str):
+    """Block-Toeplitz partial conv of u (B, L, H), K ≤ c: chunks of c, each a full 2c-point linear conv
+    (`monarch_conv`), overlap-added."""
+    batch, seqlen, channels = u.shape
+    ksize = k.shape[0]
     plan = monarch.make_plan(c, ksize, 2 * c, n=2 * c)
     x = u.astype(jnp.float32)
     if pre_gate is not None:
         x = x * pre_gate.astype(jnp.float32)
     nchunks = -(-seqlen // c)
     xc = jnp.pad(x, ((0, 0), (0, nchunks * c - seqlen), (0, 0))).reshape(batch * nchunks, c, channels)
-    yf = monarch_conv(xc, k, None, None, None, OpConfig(impl, plan, bool(interpret), precision))
+    yf = monarch_conv(xc, k, None, None, None, OpConfig(impl, plan, interpret, precision))
     yf = yf.reshape(batch, nchunks, 2 * c, channels)
     carry = jnp.pad(yf[:, :-1, c:], ((0, 0), (1, 0), (0, 0), (0, 0)))
     y = (yf[:, :, :c] + carry).reshape(batch, nchunks * c, channels)[:, :seqlen]

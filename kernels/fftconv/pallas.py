@@ -7,6 +7,10 @@ Two kernels share one body shape, an order-2 "four-step" conv on a (f_a, f_b) ti
 * fused (plans with 2 stages, N ≤ 4096): real input rows [0, rows_in) of u (zero past L), optional
   pre-gate on load, 1/N folded into T_a, real part of only the first rows_out output rows, then the
   D skip (bias ⊙ x) and the post-gate, all in one kernel: u and the gates are read once, y written once.
+* fused, overlap-save (the partial conv, K ≤ C, C ≥ 512, 2C ≤ 4096: `conv.overlap_save_chunk`): the same
+  kernel over a third grid axis of chunks; each program reads its chunk of C samples and the one before
+  it, transforms the 2C window (F0's columns split between the two halves: no concatenation) and writes
+  only the chunk's C outputs (G0's last rows), gates and bias fused: one pass for any L.
 * fused, 3 levels (dense 3-stage plans up to `Tuning.fused3_max_fft`, off by default until measured): the
   same one-pass kernel with all three levels inside (`_spectrum3`): a whole N-point sequence per
   iteration, the middle level's axis moved first by an in-kernel transpose. No XLA pass, no planes in HBM.
@@ -65,7 +69,8 @@ class Tuning:
     by side in its dots (N = stack·f1 for the first stage, M = stack·f0 for the second), instead of one
     channel per dot. fused3_max_fft: dense 3-stage plans (N = 8192 …) up to this size also run as ONE fused
     kernel (`_spectrum3`: all three levels inside, no XLA outer stage, no HBM round trip of the planes)
-    instead of XLA + the inner kernel. num_warps, num_stages: Triton's. The defaults are what ran on the H200
+    instead of XLA + the inner kernel. overlap_save: partial convs run the fused kernel as overlap-save
+    (False: overlap-added chunks, a fused kernel per chunk batch plus XLA passes). num_warps, num_stages: Triton's. The defaults are what ran on the H200
     (results/fftconv/bench_NVIDIA_H200.md). Jitted ops cache their trace: call `jax.clear_caches()` after
     changing these."""
 
@@ -77,6 +82,7 @@ class Tuning:
     num_stages: int = 1
     low_precision_planes: bool = True  # inner kernel planes in `precision.plane_dtype` (False: fp32)
     fused3_max_fft: int = 0  # dense 3-stage plans up to this FFT size run `conv_fused` too (0: none)
+    overlap_save: bool = True  # partial convs (K ≤ L/4) as one overlap-save kernel (False: overlap-add chunks)
 
 
 TUNING = Tuning()
@@ -154,11 +160,20 @@ def _full_spec(arr):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _spectrum(x, c, precision):
-    """Scaled 2-stage transform of a real (rows, f1) tile: (F0·x ⊙ T0)·F1 as (re, im), (k0, k1)."""
+def _first_stage(x, c, precision, prev=None):
+    """F0·x as (re, im) for a real (rows, n) tile: 2 dots. With ``prev`` (overlap-save) the tile is
+    [prev; x] stacked by rows, and F0's columns are split between the two (constants p0r/p0i for prev)."""
     dot = functools.partial(_dot, precision=precision)
-    a = (dot(c["f0r"][...], x), dot(c["f0i"][...], x))  # real input: 2 dots
-    a = _cmul(a, (c["t0r"][...], c["t0i"][...]))
+    a = (dot(c["f0r"][...], x), dot(c["f0i"][...], x))
+    if prev is None:
+        return a
+    return a[0] + dot(c["p0r"][...], prev), a[1] + dot(c["p0i"][...], prev)
+
+
+def _spectrum(x, c, precision, prev=None):
+    """Scaled 2-stage transform of a real (rows, f1) tile: (F0·x ⊙ T0)·F1 as (re, im), (k0, k1) (prev: see
+    `_first_stage`)."""
+    a = _cmul(_first_stage(x, c, precision, prev), (c["t0r"][...], c["t0i"][...]))
     return _cdot(a, (c["f1r"][...], c["f1i"][...]), precision)
 
 
@@ -170,13 +185,15 @@ def _real_inverse(y, c, precision):
     return dot(c["g0r"][...], z[0]) - dot(c["g0i"][...], z[1])  # real part only: 2 dots
 
 
-def _spectrum_stacked(x, c, precision):
+def _spectrum_stacked(x, c, precision, prev=None):
     """`_spectrum` of cb channels at once, x (cb, rows, f1) → planes (k0·cb, k1) (row k0·cb + channel): the
     first stage is one (f0 × rows)·(rows × cb·f1) dot, the second one (f0·cb × f1)·(f1 × k1) dot."""
     cb, rows, f1 = x.shape
-    dot = functools.partial(_dot, precision=precision)
-    xs = jnp.transpose(x, (1, 0, 2)).reshape(rows, cb * f1)
-    a = (dot(c["f0r"][...], xs), dot(c["f0i"][...], xs))  # (f0, cb·f1)
+
+    def side_by_side(t):
+        return None if t is None else jnp.transpose(t, (1, 0, 2)).reshape(rows, cb * f1)
+
+    a = _first_stage(side_by_side(x), c, precision, side_by_side(prev))  # (f0, cb·f1)
     f0 = a[0].shape[0]
     a = _cmul(tuple(p.reshape(f0, cb, f1) for p in a), (c["t0r"][...][:, None], c["t0i"][...][:, None]))
     return _cdot(tuple(p.reshape(f0 * cb, f1) for p in a), (c["f1r"][...], c["f1i"][...]), precision)
@@ -201,6 +218,7 @@ def _stack_spectrum(spec, cb: int):
 
 
 _FUSED_CONSTANTS = ("f0r", "f0i", "t0r", "t0i", "f1r", "f1i", "g1r", "g1i", "s0r", "s0i", "g0r", "g0i")
+_OVERLAP_SAVE_CONSTANTS = (*_FUSED_CONSTANTS, "p0r", "p0i")
 
 
 def _fused_constants(kplan: Plan, precision):
@@ -214,6 +232,18 @@ def _fused_constants(kplan: Plan, precision):
     (g0p, tw0c) = monarch.stage_constants(kplan, 0, inverse=True)
     dft = functools.partial(_dft_operands, precision=precision)
     return [*dft(f0p), *tw0, *dft(f1p), *dft(g1p), *tw0c, *dft(g0p)]
+
+
+def _overlap_save_constants(kplan: Plan, precision):
+    """The fused kernel's constants for overlap-save on a 2C-point plan (f0 time rows, the chunk is the
+    second half), in `_OVERLAP_SAVE_CONSTANTS` order: F0's columns split between the chunk (f0r/f0i, rows
+    f0/2 … f0) and its predecessor (p0r/p0i, rows 0 … f0/2), and G0 cut to the chunk's rows f0/2 … f0."""
+    c = dict(zip(_FUSED_CONSTANTS, _fused_constants(kplan, precision)))  # rows_in = rows_out = f0
+    half = kplan.factors[0] // 2
+    c["p0r"], c["p0i"] = c["f0r"][:, :half], c["f0i"][:, :half]
+    c["f0r"], c["f0i"] = c["f0r"][:, half:], c["f0i"][:, half:]
+    c["g0r"], c["g0i"] = c["g0r"][half:], c["g0i"][half:]
+    return [c[name] for name in _OVERLAP_SAVE_CONSTANTS]
 
 
 def _spectrum3(x, c, precision):
@@ -261,11 +291,12 @@ def uses_fused_kernels(plan: Plan) -> bool:
     return plan.stages == 2 or (plan.stages == 3 and plan.dense and plan.n <= TUNING.fused3_max_fft)
 
 
-def _transforms(stages: int):
-    """(forward transform, real inverse, constant names) of the fused kernels for a 2- or 3-stage plan."""
+def _transforms(stages: int, overlap_save: bool = False):
+    """(forward transform, real inverse, constant names) of the fused kernels for a 2- or 3-stage plan
+    (overlap-save: 2 stages)."""
     if stages == 3:
         return _spectrum3, _real_inverse3, _FUSED3_CONSTANTS
-    return _spectrum, _real_inverse, _FUSED_CONSTANTS
+    return _spectrum, _real_inverse, _OVERLAP_SAVE_CONSTANTS if overlap_save else _FUSED_CONSTANTS
 
 
 def _to_kernel_spectrum(planes, plan: Plan):
@@ -306,24 +337,30 @@ def _batch_channels(x, channels_first: bool):
     return (*(lead[::-1] if channels_first else lead), lead)
 
 
-def _fused_kernel(*refs, ht, cb, stages, has_pre, has_post, has_bias, channels_first, precision):
+def _fused_kernel(*refs, ht, cb, stages, has_pre, has_post, has_bias, channels_first, precision, overlap_save):
     it = iter(refs)
-    x_ref, pre_ref, post_ref, bias_ref, kr_ref, ki_ref = _take(it, True, has_pre, has_post, has_bias, True, True)
-    spectrum, real_inverse, names = _transforms(stages)
+    x_ref, xp_ref, pre_ref, prep_ref, post_ref, bias_ref, kr_ref, ki_ref = _take(
+        it, True, overlap_save, has_pre, has_pre and overlap_save, has_post, has_bias, True, True)
+    spectrum, real_inverse, names = _transforms(stages, overlap_save)
     c = {name: next(it) for name in names}
     o_ref = next(it)
+    # overlap-save: the predecessor of chunk 0 (its block index clamped to 0) is the zero history
+    has_history = (pl.program_id(2) > 0).astype(jnp.float32) if overlap_save else None
+
+    def gated(ref, gate_ref, at):
+        x = _load(ref, *at)
+        return x * _load(gate_ref, *at) if has_pre else x
 
     def body(g, carry):  # channel g (cb = 1) or channels [g·cb, (g+1)·cb) side by side
         h = g if cb == 1 else pl.ds(g * cb, cb)
         at = (h, 0) if channels_first else (0, h)
-        x = _load(x_ref, *at)
-        if has_pre:
-            x = x * _load(pre_ref, *at)
+        x = gated(x_ref, pre_ref, at)
+        prev = (has_history * gated(xp_ref, prep_ref, at),) if overlap_save else ()
         k = (kr_ref[g], ki_ref[g])
         if cb == 1:
-            out = real_inverse(_cmul(spectrum(x, c, precision), k), c, precision)
+            out = real_inverse(_cmul(spectrum(x, c, precision, *prev), k), c, precision)
         else:
-            out = _real_inverse_stacked(_cmul(_spectrum_stacked(x, c, precision), k), c, precision, cb)
+            out = _real_inverse_stacked(_cmul(_spectrum_stacked(x, c, precision, *prev), k), c, precision, cb)
         if has_bias:
             out = out + bias_ref[h] * x
         if has_post:
@@ -335,64 +372,81 @@ def _fused_kernel(*refs, ht, cb, stages, has_pre, has_post, has_bias, channels_f
 
 
 def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype=jnp.float32,
-               channels_first=False, interpret=False, precision="fp32"):
+               channels_first=False, interpret=False, precision="fp32", overlap_save=False):
     """The gated conv of a 2-stage (or, see `uses_fused_kernels`, dense 3-stage) plan in one kernel: x,
     pre (B, H, L_in), post (B, H, n_out) in any float dtype (cast to fp32 inside); returns (B, H, n_out) in
     out_dtype.
-    channels_first: every (B, H, ·) is (H, B, ·) instead (the "hbl" layout)."""
+    channels_first: every (B, H, ·) is (H, B, ·) instead (the "hbl" layout).
+    overlap_save: the partial conv of a long x (any L) with a filter of K ≤ C taps, ``plan`` a 2-stage
+    2C-point plan (`overlap_save_chunk`): a third grid axis walks the chunks of C samples; each program
+    reads its chunk and the one before (zero before the first), transforms the 2C window and keeps the
+    last C outputs of its circular conv, which are the linear causal conv there. post (B, H, L); returns
+    (B, H, L): every input read once (the predecessor re-read from cache), y written once."""
     batch, channels, lead = _batch_channels(x, channels_first)
     f0, f1 = plan.factors[0], plan.rest0  # a tile is (rows, R_0): R_0 = f1 (2 stages) or f1·f2 (3)
-    rows_in = _kernel_rows(plan.rows_in, f0)
-    rows_out = _kernel_rows(plan.rows_out, f0)
-    if bias is not None:
-        rows_in = rows_out = max(rows_in, rows_out)
-    kplan = dataclasses.replace(plan, rows_in=rows_in, rows_out=rows_out)
-    xs = monarch.pad_rows(x, kplan, rows_in)  # (B, H, rows_in, f1) (or (H, B, …))
-    inputs = [xs]
+    if overlap_save:
+        rows_in = rows_out = f0 // 2  # a chunk: C = f0/2 rows of f1
+        nchunks = -(-x.shape[-1] // (rows_in * f1))
+        kplan = dataclasses.replace(plan, rows_in=f0, rows_out=f0)
+        n_out = x.shape[-1]
+    else:
+        nchunks = 1
+        rows_in = _kernel_rows(plan.rows_in, f0)
+        rows_out = _kernel_rows(plan.rows_out, f0)
+        if bias is not None:
+            rows_in = rows_out = max(rows_in, rows_out)
+        kplan = dataclasses.replace(plan, rows_in=rows_in, rows_out=rows_out)
+        n_out = plan.n_out
+    pad_in = functools.partial(monarch.pad_rows, plan=kplan, rows=nchunks * rows_in)  # (B, H, rows, f1)
+    sequences = [pad_in(x)] * (2 if overlap_save else 1)  # overlap-save: as the chunk and as its predecessor
     if pre is not None:
-        inputs.append(monarch.pad_rows(pre, kplan, rows_in))
+        sequences += [pad_in(pre)] * (2 if overlap_save else 1)
     if post is not None:
-        inputs.append(monarch.pad_rows(post, kplan, rows_out))
+        sequences.append(monarch.pad_rows(post, kplan, nchunks * rows_out))
+    inputs = list(sequences)
     if bias is not None:
         inputs.append(bias.astype(jnp.float32).reshape(channels, 1, 1))
     ht = _pow2_divisor(channels, max(TUNING.fused_channels, TUNING.fused_stack))
     cb = 1 if plan.stages == 3 else min(TUNING.fused_stack, ht)  # 3 levels: one channel per dot
     spec = [_stack_spectrum(_to_kernel_spectrum(s, plan), cb) for s in spec]
     inputs += spec
-    consts = _fused_constants(kplan, precision)
+    consts = _overlap_save_constants(kplan, precision) if overlap_save else _fused_constants(kplan, precision)
 
-    def seq_spec(rows):
-        if channels_first:
-            return pl.BlockSpec((ht, 1, rows, f1), lambda b, h: (h, b, 0, 0))
-        return pl.BlockSpec((1, ht, rows, f1), lambda b, h: (b, h, 0, 0))
+    def seq_spec(rows, predecessor=False):
+        def at(b, h, *chunk):  # (batch, channel tile[, chunk]) -> block index
+            i = chunk[0] if chunk else 0
+            i = jnp.maximum(i - 1, 0) if predecessor else i
+            return (h, b, i, 0) if channels_first else (b, h, i, 0)
 
-    in_specs = [seq_spec(rows_in)]
+        return pl.BlockSpec((ht, 1, rows, f1) if channels_first else (1, ht, rows, f1), at)
+
+    in_specs = [seq_spec(rows_in), seq_spec(rows_in, predecessor=True)][: 1 + overlap_save]
     if pre is not None:
-        in_specs.append(seq_spec(rows_in))
+        in_specs += [seq_spec(rows_in), seq_spec(rows_in, predecessor=True)][: 1 + overlap_save]
     if post is not None:
         in_specs.append(seq_spec(rows_out))
     if bias is not None:
-        in_specs.append(pl.BlockSpec((ht, 1, 1), lambda b, h: (h, 0, 0)))
+        in_specs.append(pl.BlockSpec((ht, 1, 1), lambda b, h, *_: (h, 0, 0)))
     spec_block = (ht // cb, *spec[0].shape[1:])
-    in_specs += [pl.BlockSpec(spec_block, lambda b, h: (h, 0, 0))] * 2
+    in_specs += [pl.BlockSpec(spec_block, lambda b, h, *_: (h, 0, 0))] * 2
     in_specs += [_full_spec(c) for c in consts]
     kernel = functools.partial(
         _fused_kernel, ht=ht, cb=cb, stages=plan.stages, has_pre=pre is not None, has_post=post is not None,
-        has_bias=bias is not None, channels_first=channels_first, precision=precision,
+        has_bias=bias is not None, channels_first=channels_first, precision=precision, overlap_save=overlap_save,
     )
     out = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((*lead, rows_out, f1), out_dtype),
-        grid=(batch, channels // ht),
+        out_shape=jax.ShapeDtypeStruct((*lead, nchunks * rows_out, f1), out_dtype),
+        grid=(batch, channels // ht, nchunks) if overlap_save else (batch, channels // ht),
         in_specs=in_specs,
         out_specs=seq_spec(rows_out),
         interpret=interpret,
         # the 3-level tile (a whole N-point sequence) spills 1.7 KB/thread at 4 warps, 188 B at 8 (sm_90, N 8192)
         compiler_params=None if interpret else _compiler_params(
             num_warps=max(TUNING.num_warps, 8) if plan.stages == 3 else None),
-        name="fftconv_fused",
+        name="fftconv_partial" if overlap_save else "fftconv_fused",
     )(*inputs, *consts)
-    return out.reshape(*lead, rows_out * f1)[..., : plan.n_out]
+    return out.reshape(*lead, nchunks * rows_out * f1)[..., :n_out]
 
 
 # ----------------------------------------------------------------------------------------------------
