@@ -115,9 +115,9 @@ def test_partial_is_one_overlap_save_kernel(layout):
     """impl="pallas", K <= L/4: the forward is ONE kernel (fftconv_partial) whose grid walks the chunks
     (B, channel tiles, ceil(L / C)) and reads u and the gates in the given layout and dtype; it matches the
     direct conv with gates and bias for an L that is not a multiple of C (padded last chunk) and a filter
-    longer than half a chunk (taps reach into the previous chunk); the gradient runs through the
-    overlap-add chunks and matches the direct conv's; `tuning(overlap_save=False)` gives the same result
-    from the overlap-add kernels."""
+    longer than half a chunk (taps reach into the previous chunk); every gradient comes from ONE backward
+    kernel (fftconv_partial_bwd: chunks i-1, i, i+1 per window) and matches the direct conv's;
+    `tuning(overlap_save=False)` gives the same result from the overlap-add kernels."""
     seqlen, ksize = 2500, 300  # C = 512: 5 chunks, the last one 452 samples
     u, k, bias, pre, post = make_inputs(2, seqlen, 3, ksize, seed=22, dtype=jnp.bfloat16)
     to = _hbl if layout == "hbl" else (lambda a: a)
@@ -149,7 +149,7 @@ def test_partial_is_one_overlap_save_kernel(layout):
         return jnp.sum(to(w) * conv(to(u), k, bias, to(pre), to(post)))
 
     assert _pallas_calls(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), *args32) == [
-        "fftconv_partial", "fftconv_fused", "fftconv_fused_bwd"]  # backward: the overlap-add chunks' VJP
+        "fftconv_partial", "fftconv_partial_bwd"]
     got = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*args32)
     for name, g, r in zip(("u", "k", "bias", "pre", "post"), got, ref):
         assert rel_l2(g, np.asarray(r, np.float64)) < 1e-5, name

@@ -10,10 +10,10 @@ Modes (both are static parameters of the same op; both equal a dense conv with a
   and the two halves are overlap-added. With K ≤ C only the diagonal and first sub-diagonal blocks of
   the causal conv matrix are non-zero; all other blocks are skipped (O(L·log C) instead of O(L·log L)
   work; spectrum memory 2C instead of 2L per channel). The result is exactly the K-tap causal conv.
-  impl="pallas" runs the forward as ONE kernel instead (`overlap_save_chunk`, `pallas.Tuning.overlap_save`):
-  overlap-save over chunks of C ≥ 512 (2C ≤ 4096, a 2-stage plan), each program reading its chunk and
-  the one before it and writing C outputs, gates and bias fused, in the layout given; its gradient
-  is the VJP of the overlap-add chunks above.
+  impl="pallas" runs it as ONE kernel each way instead (`overlap_save_chunk`, `pallas.Tuning.overlap_save`):
+  overlap-save over chunks of C ≥ 512 (2C ≤ 4096, a 2-stage plan); the forward program reads its chunk
+  and the one before it and writes C outputs, gates and bias fused, in the layout given; the backward
+  reads chunks i−1, i, i+1 (dz's correlation with k reaches forward) and writes every gradient once.
 * frequency-sparse (`freq_mask`, a static (G0, G1) boolean block mask): y = Re IFFT(FFT(x)·FFT(k)·M)
   over the plan's N-point FFT, M = `monarch.expand_freq_mask(freq_mask, N)`. Zero rows/columns of the
   block grid are skipped in every matmul (see `monarch`).
@@ -55,6 +55,7 @@ class OpConfig:
     interpret: bool
     precision: str = "fp32"  # matmul operand setting, see kernels.fftconv.precision
     layout: str = "blh"  # axes of u, the gates and y: "blh" (B, L, H) or "hbl" (H, B, L), see LAYOUTS
+    overlap_save: bool = False  # plan is a 2C-point chunk plan run by the fused overlap-save kernels
 
 
 # Axis order of u, the gates and the output. "hbl" is the fused kernels' native order (no transposes:
@@ -143,14 +144,20 @@ def _backward_plan(plan: Plan, len_in: int) -> Plan:
     )
 
 
+def _fused(cfg: OpConfig) -> bool:
+    """Whether the op runs the fused kernels (one pass each way; bf16 stays bf16 through them)."""
+    return cfg.impl == "pallas" and (cfg.overlap_save or _pallas().uses_fused_kernels(cfg.plan))
+
+
 def _conv_fwd_impl(u, k, bias, pre, post, cfg: OpConfig):
     plan = cfg.plan
     spec = monarch.filter_spectrum(k, plan)
     layout = cfg.layout
-    if cfg.impl == "pallas" and _pallas().uses_fused_kernels(plan):  # bf16 stays bf16 through the kernels
+    if _fused(cfg):
         io = functools.partial(_fused_io, layout=layout)
         y = _pallas().conv_fused(io(u), spec, plan, io(pre), io(post), bias, out_dtype=u.dtype,
-                                 channels_first=layout == "hbl", interpret=cfg.interpret, precision=cfg.precision)
+                                 channels_first=layout == "hbl", interpret=cfg.interpret, precision=cfg.precision,
+                                 overlap_save=cfg.overlap_save)
         return io(y), spec
     y = _raw(cfg, _bhl(u, layout), spec, plan, _bhl(pre, layout), _bhl(post, layout), bias)
     return _from_bhl(y, layout).astype(u.dtype), spec
@@ -159,7 +166,7 @@ def _conv_fwd_impl(u, k, bias, pre, post, cfg: OpConfig):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def monarch_conv(u, k, bias, pre, post, cfg: OpConfig):
     """Differentiable factorised conv; u (B, L_in, H) → (B, n_out, H) in u's dtype (or (H, B, ·) for
-    cfg.layout "hbl")."""
+    cfg.layout "hbl"); with cfg.overlap_save, the partial conv (B, L, H) → (B, L, H) over chunks."""
     return _conv_fwd_impl(u, k, bias, pre, post, cfg)[0]
 
 
@@ -173,11 +180,11 @@ def _bwd(cfg: OpConfig, res, dy):
     plan = cfg.plan
     layout = cfg.layout
     len_in = u.shape[seq_axis(layout)]
-    if cfg.impl == "pallas" and _pallas().uses_fused_kernels(plan):
+    if _fused(cfg):
         io = functools.partial(_fused_io, layout=layout)
         du, dpre, dpost, dbias, prod = _pallas().conv_backward_fused(
             io(u), spec, plan, io(pre), io(post), bias, io(dy), channels_first=layout == "hbl",
-            interpret=cfg.interpret, precision=cfg.precision)
+            interpret=cfg.interpret, precision=cfg.precision, overlap_save=cfg.overlap_save)
         dk = _dk_from_spectrum_product(prod, plan, k, cfg.precision)
         return io(du), dk, None if bias is None else dbias.astype(bias.dtype), io(dpre), io(dpost)
     ut, pret, postt, dyt = (_bhl(a, layout) for a in (u, pre, post, dy))
@@ -220,36 +227,6 @@ def _dk_from_spectrum_product(prod, plan: Plan, k, precision: str = "fp32"):
 
 
 monarch_conv.defvjp(_fwd, _bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def overlap_save_conv(u, k, bias, pre, post, cfg: OpConfig):
-    """The partial conv by the fused overlap-save kernel: cfg.plan is the 2C-point chunk plan (K ≤ C); u,
-    the gates and the result (any L) in cfg.layout, y in u's dtype."""
-    spec = monarch.filter_spectrum(k, cfg.plan)
-    io = functools.partial(_fused_io, layout=cfg.layout)
-    y = _pallas().conv_fused(io(u), spec, cfg.plan, io(pre), io(post), bias, out_dtype=u.dtype,
-                             channels_first=cfg.layout == "hbl", interpret=cfg.interpret, precision=cfg.precision,
-                             overlap_save=True)
-    return io(y)
-
-
-def _overlap_save_fwd(u, k, bias, pre, post, cfg):
-    return overlap_save_conv(u, k, bias, pre, post, cfg), (u, k, bias, pre, post)
-
-
-def _overlap_save_bwd(cfg: OpConfig, res, dy):
-    """Gradients of the same conv through the overlap-add chunks of the same C: JAX's VJP of that path
-    (its forward conv, which dpost needs, then its fused backward kernel)."""
-    def conv(u, k, bias, pre, post):
-        u, pre, post = (as_blh(a, cfg.layout) for a in (u, pre, post))
-        return from_blh(_overlap_add_conv(u, k, bias, pre, post, cfg.plan.n // 2, cfg.impl, cfg.interpret,
-                                          cfg.precision), cfg.layout)
-
-    return jax.vjp(conv, *res)[1](dy)
-
-
-overlap_save_conv.defvjp(_overlap_save_fwd, _overlap_save_bwd)
 
 
 def _check_mask(freq_mask, seqlen, ksize):
@@ -297,7 +274,8 @@ def _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, *, freq_mask, impl, int
     c_save = overlap_save_chunk(seqlen, ksize) if impl == "pallas" and _pallas().TUNING.overlap_save else None
     if c_save is not None:
         plan = monarch.make_plan(2 * c_save, ksize, 2 * c_save, n=2 * c_save)
-        return overlap_save_conv(u, k, bias, pre_gate, post_gate, OpConfig(impl, plan, interpret, precision, layout))
+        cfg = OpConfig(impl, plan, interpret, precision, layout, overlap_save=True)
+        return monarch_conv(u, k, bias, pre_gate, post_gate, cfg)
     if layout != "blh":  # the chunked path works in (B, L, H)
         u, pre_gate, post_gate = (as_blh(a, layout) for a in (u, pre_gate, post_gate))
         y = _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, freq_mask=None, impl=impl, interpret=interpret,

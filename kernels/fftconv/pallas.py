@@ -21,6 +21,8 @@ Two kernels share one body shape, an order-2 "four-step" conv on a (f_a, f_b) ti
 * fused backward (2-stage plans): one program per channel loops over the batch, reads u, the gates and
   dy once, writes du, dpre, dpost once and accumulates dbias and dk's spectrum Σ_b conj(X_b)·DZ_b in
   fp32, recomputing the forward transforms (nothing but the filter spectrum is saved by the forward).
+  For overlap-save it loops over (batch, chunk) on windows of two chunks: [dz_i; dz_{i+1}] for du and
+  dpre, [x_{i−1}; x_i] against [0; dz_i] for dk, the forward's window for dpost.
 * inner backward (3-4 stages): after XLA's outer level(s) of x and dz, one kernel does the inner levels
   of both, dk's spectrum, and the inverse inner levels of conj(K̂)·DZ (for du, dpre) and K̂·X (for
   dpost): one kernel instead of three convolutions.
@@ -218,7 +220,7 @@ def _stack_spectrum(spec, cb: int):
 
 
 _FUSED_CONSTANTS = ("f0r", "f0i", "t0r", "t0i", "f1r", "f1i", "g1r", "g1i", "s0r", "s0i", "g0r", "g0i")
-_OVERLAP_SAVE_CONSTANTS = (*_FUSED_CONSTANTS, "p0r", "p0i")
+_OVERLAP_SAVE_CONSTANTS = (*_FUSED_CONSTANTS, "p0r", "p0i", "q0r", "q0i")
 
 
 def _fused_constants(kplan: Plan, precision):
@@ -235,13 +237,15 @@ def _fused_constants(kplan: Plan, precision):
 
 
 def _overlap_save_constants(kplan: Plan, precision):
-    """The fused kernel's constants for overlap-save on a 2C-point plan (f0 time rows, the chunk is the
+    """The fused kernels' constants for overlap-save on a 2C-point plan (f0 time rows, the chunk is the
     second half), in `_OVERLAP_SAVE_CONSTANTS` order: F0's columns split between the chunk (f0r/f0i, rows
-    f0/2 … f0) and its predecessor (p0r/p0i, rows 0 … f0/2), and G0 cut to the chunk's rows f0/2 … f0."""
+    f0/2 … f0) and its predecessor (p0r/p0i, rows 0 … f0/2), and G0 split by rows into the chunk's second
+    half (g0r/g0i: the conv's outputs) and first half (q0r/q0i: the backward's correlation outputs)."""
     c = dict(zip(_FUSED_CONSTANTS, _fused_constants(kplan, precision)))  # rows_in = rows_out = f0
     half = kplan.factors[0] // 2
     c["p0r"], c["p0i"] = c["f0r"][:, :half], c["f0i"][:, :half]
     c["f0r"], c["f0i"] = c["f0r"][:, half:], c["f0i"][:, half:]
+    c["q0r"], c["q0i"] = c["g0r"][:half], c["g0i"][:half]
     c["g0r"], c["g0i"] = c["g0r"][half:], c["g0i"][half:]
     return [c[name] for name in _OVERLAP_SAVE_CONSTANTS]
 
@@ -454,12 +458,21 @@ def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype
 # ----------------------------------------------------------------------------------------------------
 
 
-def _fused_bwd_kernel(*refs, batch, stages, has_pre, has_post, has_bias, channels_first, precision):
+def _fused_bwd_kernel(*refs, batch, stages, has_pre, has_post, has_bias, channels_first, precision, nchunks=1,
+                      half=None):
+    """Every gradient of one channel, looping over the batch (dense plans) or, with ``half`` (the chunk's
+    rows; overlap-save), over (batch, chunk). With x = pre·u and dz = post·dy, overlap-save takes windows
+    of two chunks in the 2C-point plan (K ≤ C: no wrap-around in any of them; chunks outside [0, L) are 0):
+      g   = first C outputs of IFFT(conj(K̂)·FFT([dz_i; dz_{i+1}]))  (the correlation of dz with k),
+      dk  = IFFT(Σ conj(FFT([x_{i−1}; x_i]))·FFT([0; dz_i]))[0:K]  (spectrum accumulated here),
+      z   = last C outputs of IFFT(K̂·FFT([x_{i−1}; x_i]))  (for dpost)."""
+    overlap_save = half is not None
     it = iter(refs)
     u_ref, pre_ref, post_ref, bias_ref, dy_ref, kr_ref, ki_ref = _take(it, True, has_pre, has_post, has_bias,
                                                                        True, True, True)
-    spectrum, real_inverse, names = _transforms(stages)
+    spectrum, real_inverse, names = _transforms(stages, overlap_save)
     c = {name: next(it) for name in names}
+    c_first = {**c, "g0r": c["q0r"], "g0i": c["q0i"]} if overlap_save else c  # g: the window's first C rows
     du_ref, dpre_ref, dpost_ref, dbias_ref, pr_ref, pi_ref = _take(it, True, has_pre, has_post, has_bias, True, True)
 
     pr_ref[0] = jnp.zeros(pr_ref.shape[1:], jnp.float32)
@@ -467,41 +480,62 @@ def _fused_bwd_kernel(*refs, batch, stages, has_pre, has_post, has_bias, channel
     if has_bias:
         dbias_ref[0] = jnp.zeros(dbias_ref.shape[1:], jnp.float32)
 
+    def gated(ref, gate_ref, where, has_gate):
+        a = _load(ref, *where)
+        return a * _load(gate_ref, *where) if has_gate else a
+
     # Order chosen to keep few (k0, k1) planes live: DZ, then g from conj(K̂)·DZ, then X, then dk's
     # spectrum Σ_b conj(X_b)·DZ_b (accumulated in fp32 in the output block), then z from K̂·X. K̂ and dy
     # are read again at their later uses rather than held live across the transforms.
-    def body(b, carry):
-        at = (0, b) if channels_first else (b, 0)
-        dz = _load(dy_ref, *at)
-        if has_post:
-            dz = dz * _load(post_ref, *at)
-        dr, di = spectrum(dz, c, precision)
+    def body(j, carry):
+        if overlap_save:
+            b, i = jax.lax.div(j, nchunks), jax.lax.rem(j, nchunks)  # (jnp's floor forms do not lower to Triton)
+
+            def at(chunk):
+                rows = pl.ds(chunk * half, half)
+                return (0, b, rows) if channels_first else (b, 0, rows)
+
+            here, before, after = at(i), at(jnp.maximum(i - 1, 0)), at(jnp.minimum(i + 1, nchunks - 1))
+        else:
+            here = (0, j) if channels_first else (j, 0)
+        dz = gated(dy_ref, post_ref, here, has_post)
+        if overlap_save:
+            dz_after = (i < nchunks - 1).astype(jnp.float32) * gated(dy_ref, post_ref, after, has_post)
+            vr, vi = spectrum(dz_after, c, precision, prev=dz)
+        else:
+            vr, vi = spectrum(dz, c, precision)
         kr, ki = kr_ref[0], ki_ref[0]
-        g = real_inverse((kr * dr + ki * di, kr * di - ki * dr), c, precision)
-        u = _load(u_ref, *at)
-        pre = _load(pre_ref, *at) if has_pre else None
+        g = real_inverse((kr * vr + ki * vi, kr * vi - ki * vr), c_first, precision)
+        u = _load(u_ref, *here)
+        pre = _load(pre_ref, *here) if has_pre else None
         x = u * pre if has_pre else u
         if has_bias:
             g = g + bias_ref[0] * dz
             dbias_ref[0] += dz * x
-        du_ref[at] = (g * pre if has_pre else g).astype(du_ref.dtype)
+        du_ref[here] = (g * pre if has_pre else g).astype(du_ref.dtype)
         if has_pre:
-            dpre_ref[at] = (g * u).astype(dpre_ref.dtype)
-        xr, xi = spectrum(x, c, precision)
+            dpre_ref[here] = (g * u).astype(dpre_ref.dtype)
+        if overlap_save:
+            x_before = (i > 0).astype(jnp.float32) * gated(u_ref, pre_ref, before, has_pre)
+            xr, xi = spectrum(x, c, precision, prev=x_before)
+            dr, di = spectrum(dz, c, precision)  # [0; dz_i]: the chunk's half of F0 only
+        else:
+            xr, xi = spectrum(x, c, precision)
+            dr, di = vr, vi
         pr_ref[0] += xr * dr + xi * di
         pi_ref[0] += xr * di - xi * dr
         if has_post:
             z = real_inverse(_cmul((xr, xi), (kr_ref[0], ki_ref[0])), c, precision)
             if has_bias:
                 z = z + bias_ref[0] * x
-            dpost_ref[at] = (_load(dy_ref, *at) * z).astype(dpost_ref.dtype)
+            dpost_ref[here] = (_load(dy_ref, *here) * z).astype(dpost_ref.dtype)
         return carry
 
-    jax.lax.fori_loop(0, batch, body, 0)
+    jax.lax.fori_loop(0, batch * nchunks, body, 0)
 
 
 def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_first=False, interpret=False,
-                        precision="fp32"):
+                        precision="fp32", overlap_save=False):
     """Every gradient of `conv_fused` (a `uses_fused_kernels` plan) from one kernel pass (see `conv` for the
     math).
 
@@ -512,12 +546,23 @@ def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_fi
     forward transforms instead of storing them. Returns (du, dpre, dpost, dbias (H,) or None,
     (pr, pi) (H, *plan.spectrum_shape), scaled like `monarch.forward_real`'s product of two scaled
     transforms). channels_first: every (B, H, ·) is (H, B, ·) instead (the "hbl" layout).
+    overlap_save: the gradients of `conv_fused(..., overlap_save=True)` (dy (B, H, L)): the program loops
+    over batch and chunks (`_fused_bwd_kernel`).
     """
     batch, channels, lead = _batch_channels(u, channels_first)
     len_in = u.shape[-1]
     f0, f1 = plan.factors[0], plan.rest0
-    rows = _kernel_rows(max(plan.rows_in, plan.rows_out), f0)
-    kplan = dataclasses.replace(plan, rows_in=rows, rows_out=rows)
+    if overlap_save:
+        tile = f0 // 2  # a chunk's rows
+        rows = -(-len_in // (tile * f1)) * tile
+        kplan = dataclasses.replace(plan, rows_in=f0, rows_out=f0)
+        consts = _overlap_save_constants(kplan, precision)
+        kernel = functools.partial(_fused_bwd_kernel, stages=2, nchunks=rows // tile, half=tile)
+    else:
+        rows = tile = _kernel_rows(max(plan.rows_in, plan.rows_out), f0)
+        kplan = dataclasses.replace(plan, rows_in=rows, rows_out=rows)
+        consts = _fused_constants(kplan, precision)
+        kernel = functools.partial(_fused_bwd_kernel, stages=plan.stages)
     pad = functools.partial(monarch.pad_rows, plan=kplan, rows=rows)  # (B, H, rows, f1) (or (H, B, …))
     inputs = [pad(u)]
     if pre is not None:
@@ -528,12 +573,11 @@ def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_fi
         inputs.append(bias.astype(jnp.float32).reshape(channels, 1, 1))
     spec = [_to_kernel_spectrum(s, plan) for s in spec]
     inputs += [pad(dy), *spec]
-    consts = _fused_constants(kplan, precision)
     if channels_first:
         seq = pl.BlockSpec((1, batch, rows, f1), lambda h: (h, 0, 0, 0))
     else:
         seq = pl.BlockSpec((batch, 1, rows, f1), lambda h: (0, h, 0, 0))
-    per_channel = pl.BlockSpec((1, rows, f1), lambda h: (h, 0, 0))
+    per_channel = pl.BlockSpec((1, tile, f1), lambda h: (h, 0, 0))
     spec_block = pl.BlockSpec((1, *spec[0].shape[1:]), lambda h: (h, 0, 0))
     in_specs = [seq] * (1 + (pre is not None) + (post is not None))
     if bias is not None:
@@ -543,13 +587,12 @@ def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_fi
     out_shapes = [jax.ShapeDtypeStruct((*lead, rows, f1), a.dtype) for a in (u, pre, post) if a is not None]
     out_specs = [seq] * len(out_shapes)
     if bias is not None:
-        out_shapes.append(jax.ShapeDtypeStruct((channels, rows, f1), jnp.float32))
+        out_shapes.append(jax.ShapeDtypeStruct((channels, tile, f1), jnp.float32))
         out_specs.append(per_channel)
     out_shapes += [spec_shape, spec_shape]
     out_specs += [spec_block, spec_block]
-    kernel = functools.partial(_fused_bwd_kernel, batch=batch, stages=plan.stages, has_pre=pre is not None,
-                               has_post=post is not None, has_bias=bias is not None,
-                               channels_first=channels_first, precision=precision)
+    kernel = functools.partial(kernel, batch=batch, has_pre=pre is not None, has_post=post is not None,
+                               has_bias=bias is not None, channels_first=channels_first, precision=precision)
     outs = iter(pl.pallas_call(
         kernel,
         out_shape=tuple(out_shapes),
@@ -559,7 +602,7 @@ def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_fi
         interpret=interpret,
         compiler_params=None if interpret else _compiler_params(
             num_warps=8 if plan.stages == 3 else _bwd_num_warps(plan.factors)),
-        name="fftconv_fused_bwd",
+        name="fftconv_partial_bwd" if overlap_save else "fftconv_fused_bwd",
     )(*inputs, *consts))
 
     def time(a, n):
@@ -567,7 +610,7 @@ def conv_backward_fused(u, spec, plan: Plan, pre, post, bias, dy, *, channels_fi
 
     du = time(next(outs), len_in)
     dpre = time(next(outs), len_in) if pre is not None else None
-    dpost = time(next(outs), plan.n_out) if post is not None else None
+    dpost = time(next(outs), len_in if overlap_save else plan.n_out) if post is not None else None
     dbias = jnp.sum(next(outs), axis=(1, 2)) if bias is not None else None
     return du, dpre, dpost, dbias, tuple(_from_kernel_spectrum(next(outs), plan) for _ in range(2))
 
