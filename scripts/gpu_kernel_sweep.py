@@ -57,7 +57,7 @@ VARIANTS = [  # the most promising first: a time budget cuts the tail
 # Also timed as forward+backward (grad w.r.t. u, k, bias and both gates), at the lengths where the 3-level
 # fused kernels apply.
 GRAD_VARIANTS = ("xla", "default", "3-level fused")
-# The partial conv (K = L/16; group "partial") where the overlap-save kernel applies (4 chunks or more).
+# The partial conv (K = L/16; groups "partial" and "partial fwdbwd") where the overlap-save kernels apply.
 PARTIAL_VARIANTS = [("xla", None), ("default", {}), ("overlap-add partial", {"overlap_save": False})]
 FUSED_ONLY = ("fused ",)  # variants that change nothing on >= 3-stage plans, and vice versa
 INNER_ONLY = ("inner ", "fp32 planes")
@@ -109,11 +109,12 @@ def main() -> int:
                 runs += [("fwdbwd", label, changes) for label, changes in every if label in GRAD_VARIANTS]
             if overlap_save_chunk(seqlen, seqlen // 16):
                 runs += [("partial", label, changes) for label, changes in PARTIAL_VARIANTS]
+                runs += [("partial fwdbwd", label, changes) for label, changes in PARTIAL_VARIANTS]
             runs += [("fwd", label, changes) for label, changes in every[3:]]
             for group, label, changes in runs:
-                if label != "xla" and group != "partial" and not applies(label, seqlen):
+                if label != "xla" and not group.startswith("partial") and not applies(label, seqlen):
                     continue
-                ksize = seqlen // 16 if group == "partial" else seqlen
+                ksize = seqlen // 16 if group.startswith("partial") else seqlen
                 row = dict(L=seqlen, K=ksize, B=batch, H=channels, layout=layout, group=group, variant=label,
                            tuning=changes)
                 if time.perf_counter() - t_start > args.budget_s:
@@ -124,7 +125,7 @@ def main() -> int:
                 def conv(u, k, b, pre, post, impl=impl, layout=layout, ksize=ksize):
                     return fftconv(u, k[:ksize], b, pre_gate=pre, post_gate=post, impl=impl, layout=layout)
 
-                fn = jax.jit(conv if group != "fwdbwd" else jax.grad(
+                fn = jax.jit(conv if not group.endswith("fwdbwd") else jax.grad(
                     lambda *a: jnp.sum(conv(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)))
                 try:
                     with pallas.tuning(**(changes or {})):
@@ -155,8 +156,8 @@ def main() -> int:
         for r in rows:
             fh.write(json.dumps(r) + "\n")
     lines = [f"# Pallas launch-setting sweep on {info['device_kind']} ({info['backend']})", "",
-             f"Machine: `{json.dumps(info)}`. bf16 gated conv, forward (fwd), forward+backward (fwdbwd) or the "
-             "partial forward (K = L/16); × jnp.fft = jnp.fft time / this time.", "",
+             f"Machine: `{json.dumps(info)}`. bf16 gated conv, forward (fwd), forward+backward (fwdbwd), the "
+             "partial conv K = L/16 (partial, partial fwdbwd); × jnp.fft = jnp.fft time / this time.", "",
              "| L | K | B×H | layout | group | variant | ms | × jnp.fft | rel. L2 vs default |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
