@@ -165,7 +165,8 @@ def main() -> int:
         ms = f"{r['ms']:.3f}" if note is None else note[:60]
         speed = f"{r['speed_vs_jnpfft']:.2f}" if r.get("speed_vs_jnpfft") else "-"
         err = f"{r['rel_l2_vs_default']:.1e}" if r.get("rel_l2_vs_default") is not None else "-"
-        lines.append(f"| {r['L']} | {r['K']} | {r['B']}×{r['H']} | {r['layout']} | {r['group']} | {r['variant']} | {ms} | {speed} | "
+        lines.append(f"| {r['L']} | {r['K']} | {r['B']}×{r['H']} | {r['layout']} | {r['group']} | {r['variant']} | "
+                     f"{ms} | {speed} | "
                      f"{err} |")
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(rows, info, Path(f"{stem}.png"))

@@ -48,8 +48,9 @@ def test_gpu_uses_triton_compiler_params():
 
 # Every plan shape `impl="auto"` may pick (the tuned table can name pallas at any FFT size): the fused
 # 2-stage kernel, the inner kernel after 1 or 2 outer XLA stages, the partial conv as the overlap-save
-# kernel (L >= 4·512) and as overlap-added chunks (shorter L), and a frequency-sparse plan; bf16 inputs at their default precision, then each other precision on the
-# fused and 3-stage plans (the 4-stage plan and the full matrix are in -m slow).
+# kernel (L >= 4·512) and as overlap-added chunks (shorter L), and a frequency-sparse plan; bf16 inputs at
+# their default precision, then each other precision on the fused and 3-stage plans (the 4-stage plan and
+# the full matrix are in -m slow).
 PLANS = {"fused": (256, 256, False), "inner-3stage": (4096, 4096, False), "partial": (4096, 256, False),
          "partial-overlap-add": (1000, 60, False), "freq-sparse": (4096, 4096, True),
          "inner-4stage": (1 << 18, 1 << 18, False)}

@@ -71,10 +71,11 @@ class Tuning:
     by side in its dots (N = stack·f1 for the first stage, M = stack·f0 for the second), instead of one
     channel per dot. fused3_max_fft: dense 3-stage plans (N = 8192 …) up to this size also run as ONE fused
     kernel (`_spectrum3`: all three levels inside, no XLA outer stage, no HBM round trip of the planes)
-    instead of XLA + the inner kernel. overlap_save: partial convs run the fused kernel as overlap-save
-    (False: overlap-added chunks, a fused kernel per chunk batch plus XLA passes). num_warps, num_stages: Triton's. The defaults are what ran on the H200
-    (results/fftconv/bench_NVIDIA_H200.md). Jitted ops cache their trace: call `jax.clear_caches()` after
-    changing these."""
+    instead of XLA + the inner kernel. overlap_save: partial convs run the fused kernels as overlap-save
+    (False: overlap-added chunks, a fused kernel over the chunk rows plus XLA passes). num_warps,
+    num_stages: Triton's. The launch defaults are what ran on the H200 (results/fftconv/bench_NVIDIA_H200.md;
+    overlap_save is new since and not yet timed there). Jitted ops cache their trace: call
+    `jax.clear_caches()` after changing these."""
 
     fused_channels: int = 8
     fused_stack: int = 1  # channels per dot in the fused forward kernel (> 1: `_spectrum_stacked`)
@@ -402,12 +403,11 @@ def conv_fused(x, spec, plan: Plan, pre=None, post=None, bias=None, *, out_dtype
         kplan = dataclasses.replace(plan, rows_in=rows_in, rows_out=rows_out)
         n_out = plan.n_out
     pad_in = functools.partial(monarch.pad_rows, plan=kplan, rows=nchunks * rows_in)  # (B, H, rows, f1)
-    sequences = [pad_in(x)] * (2 if overlap_save else 1)  # overlap-save: as the chunk and as its predecessor
+    inputs = [pad_in(x)] * (2 if overlap_save else 1)  # overlap-save: as the chunk and as its predecessor
     if pre is not None:
-        sequences += [pad_in(pre)] * (2 if overlap_save else 1)
+        inputs += [pad_in(pre)] * (2 if overlap_save else 1)
     if post is not None:
-        sequences.append(monarch.pad_rows(post, kplan, nchunks * rows_out))
-    inputs = list(sequences)
+        inputs.append(monarch.pad_rows(post, kplan, nchunks * rows_out))
     if bias is not None:
         inputs.append(bias.astype(jnp.float32).reshape(channels, 1, 1))
     ht = _pow2_divisor(channels, max(TUNING.fused_channels, TUNING.fused_stack))
