@@ -61,20 +61,27 @@ def test_budget_skips_variants_but_still_writes(tmp_path):
 def test_winners_need_correctness_and_default_precision():
     info = dict(backend="gpu", device_kind="NVIDIA H200")
 
-    def bench(impl, p, ms, dtype="bfloat16"):
-        return dict(kind="bench", group="fwd", mode="dense", impl=impl, precision=p, dtype=dtype, fft_n=2048, ms=ms,
-                    speed_vs_jnpfft=1.0 / ms)
+    def bench(impl, p, ms, dtype="bfloat16", mode="dense", fft_n=2048):
+        return dict(kind="bench", group="fwd", mode=mode, impl=impl, precision=p, dtype=dtype, fft_n=fft_n, ms=ms)
 
     def check(impl, p, ok, dtype="bfloat16"):
         return dict(impl=impl, precision=p, dtype=dtype, ok=ok)
 
     rows = [bench("xla", None, 1.0), bench("pallas", "bf16", 0.3), bench("pallas", "fp16", 0.1),
-            bench("xla-matmul", "bf16", 0.2), bench("xla", None, 2.0, "float32"), bench("pallas", "bf16x3", 0.5, "float32")]
+            bench("xla-matmul", "bf16", 0.2), bench("xla", None, 2.0, "float32"), bench("pallas", "bf16x3", 0.5, "float32"),
+            bench("xla", None, 0.8, mode="partial"), bench("pallas", "bf16", 0.2, mode="partial"),
+            bench("pallas", "bf16", 0.1, mode="sparse25"),  # sparse: no table rows
+            bench("pallas", "bf16", 0.1, mode="partial", fft_n=4096)]  # no jnp.fft row for this case: no winner
     checks = [check("pallas", "bf16", True), check("pallas", "fp16", True), check("xla-matmul", "bf16", False),
               check("pallas", "bf16x3", True, "float32")]
-    got = {(r["dtype"], r["impl"], r["precision"]) for r in gpu_check.winners(rows, checks, info)}
+    won = gpu_check.winners(rows, checks, info)
+    got = {(r["dtype"], r["mode"], r["impl"], r["precision"], r["fft_n"]) for r in won}
     # fp16 is faster but not bf16's default precision; xla-matmul failed its check; bf16x3 is not fp32's default
-    assert got == {("bfloat16", "pallas", "bf16"), ("float32", "xla", None)}
+    assert got == {("bfloat16", "dense", "pallas", "bf16", 2048), ("float32", "dense", "xla", None, 2048),
+                   ("bfloat16", "partial", "pallas", "bf16", 2048)}
+    speedups = {(r["dtype"], r["mode"]): r["speedup_vs_xla"] for r in won}
+    assert speedups == {("bfloat16", "dense"): pytest.approx(1 / 0.3), ("float32", "dense"): 1.0,
+                        ("bfloat16", "partial"): pytest.approx(4.0)}
 
 
 def test_auto_reads_the_table_and_falls_back_to_xla(tmp_path, monkeypatch):
@@ -83,8 +90,16 @@ def test_auto_reads_the_table_and_falls_back_to_xla(tmp_path, monkeypatch):
     assert tuned.load() == []  # no file: empty table
     assert default_impl(2048, "gpu", dtype=jnp.bfloat16, device_kind="NVIDIA H200") == "xla"
     tuned.write([dict(backend="gpu", device_kind="NVIDIA H200", fft_n=4096, dtype="bfloat16", impl="pallas"),
+                 dict(backend="gpu", device_kind="NVIDIA H200", fft_n=4096, dtype="float32", mode="partial",
+                      impl="pallas"),
                  dict(backend="cpu", device_kind="cpu", fft_n=512, dtype="float32", impl="xla-matmul")])
     assert default_impl(2048, "gpu", dtype=jnp.bfloat16, device_kind="NVIDIA H200") == "pallas"  # N = 4096
+    # K = 128 <= L/4 runs as chunks: the "partial" row of the same FFT size decides, not the dense one
+    assert default_impl(2048, "gpu", ksize=128, dtype=jnp.bfloat16, device_kind="NVIDIA H200") == "xla"
+    assert default_impl(2048, "gpu", ksize=128, dtype=jnp.float32, device_kind="NVIDIA H200") == "pallas"
+    assert default_impl(2048, "gpu", dtype=jnp.float32, device_kind="NVIDIA H200") == "xla"  # dense fp32: no row
+    mask = np.ones((2, 2), bool)  # frequency-sparse: the dense row
+    assert default_impl(2048, "gpu", ksize=128, dtype=jnp.float32, device_kind="NVIDIA H200", freq_mask=mask) == "xla"
     assert default_impl(2048, "gpu", ksize=1, dtype=jnp.bfloat16, device_kind="NVIDIA H200") == "xla"  # N = 2048
     assert default_impl(2048, "gpu", dtype=jnp.float32, device_kind="NVIDIA H200") == "xla"
     assert default_impl(2048, "gpu", dtype=jnp.bfloat16, device_kind="NVIDIA H100") == "xla"
@@ -106,6 +121,10 @@ def test_table_rows_need_their_keys(tmp_path):
     path.write_text(json.dumps({"rows": [{"backend": "gpu", "impl": "pallas"}]}))
     with pytest.raises(ValueError, match="lacks"):
         tuned.load(path)
+    path.write_text(json.dumps({"rows": [dict(backend="gpu", device_kind="x", fft_n=256, dtype="bfloat16",
+                                              impl="pallas", mode="sparse")]}))
+    with pytest.raises(ValueError, match="mode 'sparse'"):
+        tuned.load(path)
     assert isinstance(tuned.load(), list)  # the committed table parses
 
 
@@ -126,6 +145,8 @@ def test_kernel_sweep_smoke_times_every_variant_against_the_default(tmp_path):
     assert ("fwd", "inner ch 1") not in by_len[256] and ("fwdbwd", "default") not in by_len[256]
     assert {("fwd", v) for v in ("xla", "default", "fp32 planes", "inner ch 1", "3-level fused")} <= by_len[4096]
     assert {("fwdbwd", v) for v in ("xla", "default", "3-level fused")} <= by_len[4096]
+    partial = ("xla", "default", "overlap-add partial")
+    assert {(g, v) for g in ("partial", "partial fwdbwd") for v in partial} <= by_len[4096]
     assert all(r["ok"] for r in rows if "ms" in r)
     assert (tmp_path / "kernel_sweep_cpu_smoke.png").stat().st_size > 0
 

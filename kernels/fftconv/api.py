@@ -196,22 +196,25 @@ def auto_impl(impl: str):
 
 
 def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = None, dtype=None,
-                 device_kind: str | None = None) -> str:
+                 device_kind: str | None = None, freq_mask=None) -> str:
     """The implementation `impl="auto"` picks for this backend, device, length and input dtype.
 
     The measured winner from the committed table `kernels/fftconv/tuned.json` (filled on the device by
-    `scripts/gpu_check.py --write-table`) for (backend, device kind, FFT size, dtype); "xla" where the
+    `scripts/gpu_check.py --write-table`) for (backend, device kind, FFT size, dtype, mode: "partial" for a
+    filter that runs as chunks, `conv.chunk_size`, else "dense"); "xla" where the
     table has no row (on CPU the Pallas kernel only runs interpreted, and the matmul factorisation does
     O(N·Σf) work against pocketfft's O(N log N)). On GPU, LONGCONV_PALLAS_AUTO_MAX_FFT=N forces
     "pallas" for FFT sizes <= N regardless of the table.
     """
     backend = backend or jax.default_backend()
-    n = _monarch.fft_size(seqlen + (seqlen if ksize is None else ksize) - 1)
+    ksize = seqlen if ksize is None else ksize
+    n = _monarch.fft_size(seqlen + ksize - 1)
     if backend == "gpu" and n <= PALLAS_AUTO_MAX_FFT:
         return "pallas"
     if dtype is not None:
         device_kind = jax.devices(backend)[0].device_kind if device_kind is None else device_kind
-        return _tuned.lookup(backend, device_kind, n, jnp.dtype(dtype).name) or "xla"
+        partial = freq_mask is None and _conv.chunk_size(seqlen, ksize) is not None
+        return _tuned.lookup(backend, device_kind, n, jnp.dtype(dtype).name, "partial" if partial else "dense") or "xla"
     return "xla"
 
 
@@ -233,7 +236,7 @@ def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, i
     if impl == "auto":
         seqlen = u.shape[_conv.seq_axis(layout)]
         impl = _AUTO_OVERRIDE[-1] if _AUTO_OVERRIDE else default_impl(seqlen, jax.default_backend(), k.shape[0],
-                                                                      u.dtype)
+                                                                      u.dtype, freq_mask=freq_mask)
     if impl not in IMPLEMENTATIONS:
         raise FFTConvError(f"fftconv: unknown impl {impl!r}; choose 'auto' or one of {sorted(IMPLEMENTATIONS)}")
     return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, precision=precision,

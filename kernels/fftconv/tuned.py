@@ -1,11 +1,15 @@
 """The committed table of measured winners that `impl="auto"` reads (kernels/fftconv/tuned.json).
 
 Each row names the fastest implementation measured by `scripts/gpu_check.py --write-table` for one
-(backend, device kind, FFT size, input dtype), at that dtype's default precision (so "auto" never
-trades accuracy for speed). No row for a case means "xla" (jnp.fft). File format:
+(backend, device kind, FFT size, input dtype, mode), at that dtype's default precision (so "auto" never
+trades accuracy for speed). The FFT size is the dense one of (L, K) (`monarch.fft_size(L + K - 1)`); mode
+is "dense" (the default of a row without one) or "partial" (K ≤ L/4, run as chunks: `conv.chunk_size`),
+which a kernel can win or lose apart from the dense conv of the same size. No row for a case means "xla"
+(jnp.fft). File format:
 
     {"rows": [{"backend": "gpu", "device_kind": "NVIDIA H200", "fft_n": 2048, "dtype": "bfloat16",
-               "impl": "pallas", "precision": "bf16", "speedup_vs_xla": 3.1, "source": "results/..."}]}
+               "mode": "dense", "impl": "pallas", "precision": "bf16", "speedup_vs_xla": 3.1,
+               "source": "results/..."}]}
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 TABLE_PATH = Path(__file__).with_name("tuned.json")
 KEY = ("backend", "device_kind", "fft_n", "dtype")
+MODES = ("dense", "partial")
 
 
 @functools.lru_cache(maxsize=8)
@@ -33,15 +38,22 @@ def load(path: Path | None = None) -> list[dict]:
         missing = [key for key in (*KEY, "impl") if key not in row]
         if missing:
             raise ValueError(f"{path}: row {row} lacks {missing}")
+        if _mode(row) not in MODES:
+            raise ValueError(f"{path}: row {row} has mode {_mode(row)!r}; expected one of {MODES}")
     return rows
 
 
-def lookup(backend: str, device_kind: str, fft_n: int, dtype: str, path: Path | None = None) -> str | None:
+def _mode(row: dict) -> str:
+    return row.get("mode", "dense")
+
+
+def lookup(backend: str, device_kind: str, fft_n: int, dtype: str, mode: str = "dense",
+           path: Path | None = None) -> str | None:
     """The measured winner for this case, or None when the table has no row for it."""
     rows = _load_cached(str(TABLE_PATH if path is None else path))
     want = (backend, device_kind, int(fft_n), dtype)
     for row in rows:
-        if tuple(row[key] for key in KEY) == want:
+        if tuple(row[key] for key in KEY) == want and _mode(row) == mode:
             return row["impl"]
     return None
 
@@ -51,7 +63,7 @@ def write(rows: list[dict], path: Path | None = None) -> Path:
     path = TABLE_PATH if path is None else Path(path)
     devices = {(row["backend"], row["device_kind"]) for row in rows}
     kept = [row for row in load(path) if (row["backend"], row["device_kind"]) not in devices]
-    merged = sorted(kept + list(rows), key=lambda row: tuple(str(row[key]) for key in KEY))
+    merged = sorted(kept + list(rows), key=lambda row: (*(str(row[key]) for key in KEY), _mode(row)))
     path.write_text(json.dumps({"rows": merged}, indent=1) + "\n")
     _load_cached.cache_clear()
     return path
