@@ -68,7 +68,8 @@ def test_winners_need_correctness_and_default_precision():
         return dict(impl=impl, precision=p, dtype=dtype, ok=ok)
 
     rows = [bench("xla", None, 1.0), bench("pallas", "bf16", 0.3), bench("pallas", "fp16", 0.1),
-            bench("xla-matmul", "bf16", 0.2), bench("xla", None, 2.0, "float32"), bench("pallas", "bf16x3", 0.5, "float32"),
+            bench("xla-matmul", "bf16", 0.2), bench("xla", None, 2.0, "float32"),
+            bench("pallas", "bf16x3", 0.5, "float32"),
             bench("xla", None, 0.8, mode="partial"), bench("pallas", "bf16", 0.2, mode="partial"),
             bench("pallas", "bf16", 0.1, mode="sparse25"),  # sparse: no table rows
             bench("pallas", "bf16", 0.1, mode="partial", fft_n=4096)]  # no jnp.fft row for this case: no winner
