@@ -281,14 +281,8 @@ def _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, *, freq_mask, impl, int
         y = _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, freq_mask=None, impl=impl, interpret=interpret,
                                 precision=precision, layout="blh")
         return from_blh(y, layout)
-    return _overlap_add_conv(u, k, bias, pre_gate, post_gate, c, impl, interpret, precision)
-
-
-def _overlap_add_conv(u, k, bias, pre_gate, post_gate, c: int, impl: str, interpret: bool, precision: str):
-    """Block-Toeplitz partial conv of u (B, L, H), K ≤ c: chunks of c, each a full 2c-point linear conv
-    (`monarch_conv`), overlap-added."""
-    batch, seqlen, channels = u.shape
-    ksize = k.shape[0]
+    # Block-Toeplitz partial conv: chunks of C, each a full 2C-point linear conv, overlap-added.
+    batch, _, channels = u.shape
     plan = monarch.make_plan(c, ksize, 2 * c, n=2 * c)
     x = u.astype(jnp.float32)
     if pre_gate is not None:
