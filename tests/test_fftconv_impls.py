@@ -200,12 +200,10 @@ def _masks(seqlen, ksize):
     rng = np.random.default_rng(5)
     random_blocks = rng.random((f0 // 4, fl // 4)) < 0.4
     random_blocks[0, 0] = True
-    rows_only = np.zeros((f0, 1), bool)
-    rows_only[::4] = True
     return {
         "lowpass": monarch.lowpass_mask(seqlen, ksize, 0.25),
         "random": random_blocks,
-        "rows": rows_only,
+        "comb": monarch.comb_mask(seqlen, ksize, 0.25),  # whole outer groups (first digits) dropped
     }
 
 
@@ -228,8 +226,9 @@ def test_freq_sparse_skips_blocks():
     plan = monarch.make_plan(seqlen, seqlen, seqlen, masks["lowpass"])
     assert len(plan.keep_cols) == plan.factors[-1] // 4 and len(plan.keep_rows) == plan.factors[0]
     assert plan.mask is None and abs(plan.kept_fraction - 0.25) < 1e-9
-    plan = monarch.make_plan(seqlen, seqlen, seqlen, masks["rows"])
+    plan = monarch.make_plan(seqlen, seqlen, seqlen, masks["comb"])
     assert len(plan.keep_rows) == plan.factors[0] // 4 and plan.mask is None
+    np.testing.assert_array_equal(monarch.expand_freq_mask(masks["comb"], plan.n), np.arange(plan.n) % 4 == 0)
     dense = monarch.make_plan(seqlen, seqlen, seqlen)
     assert dense.dense and dense.spectrum_shape == dense.factors
 
@@ -288,6 +287,31 @@ def test_freq_sparse_grads_match_xla_autodiff(impl):
 
 def _pallas_calls(fn, *args) -> list[str]:
     return [kernel_name(eqn) for eqn in kernel_calls(fn, *args)]
+
+
+def test_pallas_sparse_skips_outer_groups():
+    """A 3-stage plan whose mask keeps 1 in 4 first digits runs the inner kernels on those 4 rows only (the
+    first digits are grid rows there, not a dot dimension, so they are not rounded out to 16), forward and
+    backward, with every gradient equal to the masked jnp.fft path's."""
+    seqlen = 5000  # N = 16384 = 16·32·32
+    mask = _masks(seqlen, seqlen)["comb"]
+    f0 = monarch.freq_grid(seqlen, seqlen)[1]
+    u, k, bias, pre, post = make_inputs(2, seqlen, 3, seqlen, seed=16)
+    w = make_inputs(2, seqlen, 3, seqlen, seed=17)[0]
+
+    def via(name):
+        return lambda *a: fftconv(*a[:3], pre_gate=a[3], post_gate=a[4], freq_mask=mask, impl=name)
+
+    def loss(*a):
+        return jnp.sum(w * via("pallas")(*a))
+
+    calls = kernel_calls(jax.grad(loss, argnums=(0, 1, 2, 3, 4)), u, k, bias, pre, post)
+    rows = {kernel_name(eqn): eqn.outvars[0].aval.shape[2] for eqn in calls}  # (B, H, rows, f_a, f_b) planes
+    assert rows == {"fftconv_inner": f0 // 4, "fftconv_inner_bwd": f0 // 4}
+    ref = _grads(via("xla"), u, k, bias, pre, post, w)
+    got = _grads(via("pallas"), u, k, bias, pre, post, w)
+    for name, g, r in zip(("u", "k", "bias", "pre", "post"), got, ref):
+        assert rel_l2(g, np.asarray(r, np.float64)) < 1e-5, name
 
 
 @pytest.mark.parametrize("seqlen,ksize,batch,kernels", [

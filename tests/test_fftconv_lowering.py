@@ -48,12 +48,14 @@ def test_gpu_uses_triton_compiler_params():
 
 # Every plan shape `impl="auto"` may pick (the tuned table can name pallas at any FFT size): the fused
 # 2-stage kernel, the inner kernel after 1 or 2 outer XLA stages, the partial conv as the overlap-save
-# kernel (L >= 4·512) and as overlap-added chunks (shorter L), and a frequency-sparse plan; bf16 inputs at
+# kernel (L >= 4·512) and as overlap-added chunks (shorter L), and frequency-sparse plans (a low-pass band,
+# and a comb that drops 3 of 4 outer groups: an inner grid of 4 rows); bf16 inputs at
 # their default precision, then each other precision on the fused and 3-stage plans (the 4-stage plan and
 # the full matrix are in -m slow).
-PLANS = {"fused": (256, 256, False), "inner-3stage": (4096, 4096, False), "partial": (4096, 256, False),
-         "partial-overlap-add": (1000, 60, False), "freq-sparse": (4096, 4096, True),
-         "inner-4stage": (1 << 18, 1 << 18, False)}
+PLANS = {"fused": (256, 256, None), "inner-3stage": (4096, 4096, None), "partial": (4096, 256, None),
+         "partial-overlap-add": (1000, 60, None), "freq-sparse": (4096, 4096, "lowpass"),
+         "freq-sparse-comb": (4096, 4096, "comb"),
+         "inner-4stage": (1 << 18, 1 << 18, None)}
 OTHER_PRECISIONS = ["fp32", "bf16x3", "tf32", "fp16"]
 
 
@@ -61,8 +63,8 @@ def _export_grad(platform, plan_name, precision, monkeypatch):
     jax.clear_caches()
     if platform == "cuda":
         monkeypatch.setattr(pallas, "_compiler_params", functools.partial(pallas._compiler_params, "gpu"))
-    seqlen, ksize, sparse = PLANS[plan_name]
-    mask = monarch.lowpass_mask(seqlen, ksize, 0.25) if sparse else None
+    seqlen, ksize, mask_name = PLANS[plan_name]
+    mask = None if mask_name is None else getattr(monarch, f"{mask_name}_mask")(seqlen, ksize, 0.25)
 
     def loss_at(u, k):
         y = conv.fftconv_matmul(u, k, None, u, u, freq_mask=mask, impl="pallas", interpret=False, precision=precision)
@@ -82,7 +84,8 @@ def _cases(plans, precisions, slow=False):
 
 
 @pytest.mark.parametrize("platform,plan_name,precision",
-                         _cases(["fused", "inner-3stage", "partial", "partial-overlap-add", "freq-sparse"], ["bf16"])
+                         _cases(["fused", "inner-3stage", "partial", "partial-overlap-add", "freq-sparse",
+                                 "freq-sparse-comb"], ["bf16"])
                          + _cases(["fused", "inner-3stage"], OTHER_PRECISIONS)
                          + _cases(["inner-4stage"], ["bf16", *OTHER_PRECISIONS], slow=True)
                          + _cases(["partial", "freq-sparse"], OTHER_PRECISIONS, slow=True))
@@ -98,15 +101,14 @@ def _kernel_dot_shapes(fn, *args) -> list[tuple[tuple, tuple]]:
 
 @pytest.mark.parametrize("seqlen,ksize,mask_name", [
     (256, 256, None), (256, 256, "lowpass"), (1000, 60, None), (4096, 256, None), (4096, 4096, "lowpass"),
-    (5000, 5000, "rows"),
+    (5000, 5000, "comb"),
     (16384, 16384, "lowpass"), (16384, 16384, None)])
 def test_kernel_dots_fit_the_tensor_core_tile(seqlen, ksize, mask_name):
     """Every in-kernel dot is at least 16 in M, N and K (Triton's tl.dot minimum; an 8-wide bf16 dot of a
     25 % frequency-sparse plan compiled, ran and returned garbage on an H200 (rel. error 0.31 at L 16K), so
     sparse plans round their kept digits out to 16), forward and backward."""
-    _, f0, fl = monarch.freq_grid(seqlen, ksize)
     mask = {None: None, "lowpass": monarch.lowpass_mask(seqlen, ksize, 0.25),
-            "rows": np.arange(f0)[:, None] % 4 == 0}[mask_name]
+            "comb": monarch.comb_mask(seqlen, ksize, 0.25)}[mask_name]
 
     def loss(u, k):
         y = conv.fftconv_matmul(u, k, None, u, u, freq_mask=mask, impl="pallas", precision="bf16")

@@ -1,7 +1,7 @@
 """Benchmark the fftconv implementations against the jnp.fft baseline (`longconv bench`).
 
 Times jit-compiled forward and forward+backward (grad of sum(y·w) w.r.t. u, k and the gates) for every
-implementation, FFT length, dtype, plus the partial (K = L/16) and frequency-sparse (25 % low-pass)
+implementation, FFT length, dtype, plus the partial (K = L/16) and frequency-sparse (25 %: low-pass and comb, `modes`)
 modes against the same implementation's dense run. Batch × channels are scaled down for long L so
 B·H·L stays under a budget (every row records its B and H; nothing is rescaled). Achieved bandwidth is
 the ideal traffic (read u, gates and k, write y; ×~2.5 for fwd+bwd is not counted) over the time,
@@ -23,6 +23,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kernels.fftconv import monarch
 
 PEAK_GBPS = {  # datasheet HBM bandwidth
     "H100 80GB HBM3": 3350.0,
@@ -103,6 +105,15 @@ def _make(batch, seqlen, channels, ksize, dtype, seed=0):
     return u, k, pre, post
 
 
+def modes(seqlen):
+    """(name, filter length, freq_mask) of the benchmarked modes: dense; partial, K = L/16; two 25 %
+    frequency-sparse masks: "sparse25", a low-pass band (only the last forward and first inverse stage
+    shrink), and "sparse25-comb", every 4th bin (3 of 4 outer groups dropped, inner transforms and all)."""
+    return [("dense", seqlen, None), ("partial", max(1, seqlen // 16), None),
+            ("sparse25", seqlen, monarch.lowpass_mask(seqlen, seqlen, 0.25)),
+            ("sparse25-comb", seqlen, monarch.comb_mask(seqlen, seqlen, 0.25))]
+
+
 def _fns(impl, freq_mask=None):
     from kernels.fftconv import fftconv
 
@@ -116,8 +127,6 @@ def _fns(impl, freq_mask=None):
 
 
 def run(args) -> dict:
-    from kernels.fftconv import monarch
-
     backend = jax.default_backend()
     cpu = backend == "cpu"
     impls = args.impls.split(",") if args.impls else (["xla", "xla-matmul"] + ([] if cpu else ["pallas"]))
@@ -136,14 +145,11 @@ def run(args) -> dict:
             channels //= 2
         for dtype in dtypes:
             u, k, pre, post = _make(batch, seqlen, channels, seqlen, dtype)
-            modes = [("dense", k, None)]
-            if not args.no_modes:
-                modes.append(("partial", k[: max(1, seqlen // 16)], None))
-                modes.append(("sparse25", k, monarch.lowpass_mask(seqlen, seqlen, 0.25)))
             for impl in impls:
-                for mode, kk, mask in modes:
-                    if mode == "sparse25" and impl == "xla":
+                for mode, ksize, mask in modes(seqlen)[: 1 if args.no_modes else None]:
+                    if mask is not None and impl == "xla":
                         continue  # masked jnp.fft does the same work as dense
+                    kk = k[:ksize]
                     fwd, bwd = _fns(impl, mask)
                     nbytes = u.size * u.dtype.itemsize * 4 + kk.size * 4  # u, pre, post in; y out; filter
                     row = dict(impl=impl, mode=mode, L=seqlen, K=int(kk.shape[0]), B=batch, H=channels,
@@ -204,7 +210,7 @@ def plot(result, path: Path) -> None:
     fig, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4.2), squeeze=False)
     for ax, dt in zip(axes[0], dtypes):
         for impl in sorted({r["impl"] for r in rows}):
-            for mode, style in (("dense", "-"), ("partial", ":"), ("sparse25", "--")):
+            for mode, style in (("dense", "-"), ("partial", ":"), ("sparse25", "--"), ("sparse25-comb", "-.")):
                 sel = [r for r in rows if r["impl"] == impl and r["mode"] == mode and r["dtype"] == dt]
                 if not sel:
                     continue

@@ -268,7 +268,8 @@ def _fftconv_matmul_jit(u, k, bias, pre_gate, post_gate, *, freq_mask, impl, int
     ksize = k.shape[0]
     c = chunk_size(seqlen, ksize) if freq_mask is None else None
     if c is None:
-        plan = monarch.make_plan(seqlen, ksize, seqlen, freq_mask, min_keep=monarch.MIN_DOT if impl == "pallas" else 1)
+        min_keep = _pallas().sparse_min_keep(monarch.fft_size(seqlen + ksize - 1)) if impl == "pallas" else (1, 1)
+        plan = monarch.make_plan(seqlen, ksize, seqlen, freq_mask, min_keep=min_keep)
         cfg = OpConfig(impl, plan, bool(interpret), precision, layout)
         return monarch_conv(u, k, bias, pre_gate, post_gate, cfg)
     c_save = overlap_save_chunk(seqlen, ksize) if impl == "pallas" and _pallas().TUNING.overlap_save else None

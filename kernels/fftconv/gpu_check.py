@@ -1,7 +1,7 @@
 """One prepared device run: correctness against float64 and the benchmark table (`scripts/gpu_check.py`).
 
-1. Correctness: every impl × precision (valid for the input dtype) × mode (dense, partial K = L/16,
-   25 % frequency-sparse) against a float64 NumPy FFT conv; pass = finite and rel. L2 error within
+1. Correctness: every impl × precision (valid for the input dtype) × mode (`bench.modes`: dense,
+   partial K = L/16, 25 % frequency-sparse as a low-pass band and as a comb) against a float64 NumPy FFT conv; pass = finite and rel. L2 error within
    `precision.ERROR_BOUNDS` plus the output dtype's rounding (`OUTPUT_ROUNDING`).
 2. Benchmark, in priority order until the time budget is spent (later rows are recorded as skipped):
    bf16 gated forward at every L, forward+backward, partial / sparse modes, fp32. jnp.fft ("xla") is
@@ -32,7 +32,7 @@ import numpy as np
 
 from kernels.fftconv import fftconv, monarch, tuned
 from kernels.fftconv import precision as prec
-from kernels.fftconv.bench import machine_info
+from kernels.fftconv.bench import machine_info, modes
 
 OUTPUT_ROUNDING = {"float32": 0.0, "float16": 4e-4, "bfloat16": 3e-3}  # rel. L2 added by the output cast
 DTYPE_PRECISIONS = {  # precisions checked per input dtype (the default first)
@@ -82,12 +82,6 @@ def reference(u, k, bias, pre, post, freq_mask=None):
     if freq_mask is not None:
         spec = spec * monarch.expand_freq_mask(freq_mask, n)[None, :, None]
     return (np.real(np.fft.ifft(spec, axis=1))[:, :seqlen] + x * bias) * post
-
-
-def modes(seqlen):
-    """(name, filter length, freq_mask) of the dense, partial (K = L/16) and 25 %-sparse modes."""
-    return [("dense", seqlen, None), ("partial", max(1, seqlen // 16), None),
-            ("sparse25", seqlen, monarch.lowpass_mask(seqlen, seqlen, 0.25))]
 
 
 def variants(dtype: str, smoke: bool = False):
@@ -164,7 +158,7 @@ def bench_plan(shapes, smoke):
     mode_lens = lens[:1] if smoke else [s for s in lens if s in (4096, 16384)]
     mode_impls = ("pallas",) if smoke else ("pallas", "xla-matmul")
     for seqlen in mode_lens:  # 3. partial and frequency-sparse against the same impl's dense row
-        plan += [("fwd", seqlen, "bfloat16", mode, impl, "bf16") for mode in ("partial", "sparse25") for impl in mode_impls]
+        plan += [("fwd", seqlen, "bfloat16", mode, impl, "bf16") for mode, *_ in modes(seqlen)[1:] for impl in mode_impls]
         plan += [] if smoke else [("fwd", seqlen, "bfloat16", "partial", "xla", None)]
     fp32 = () if smoke else (("xla", None), ("pallas", "fp32"), ("pallas", "bf16x3"), ("pallas", "tf32"))
     for seqlen in lens:  # 4. fp32 inputs: the fp32-accurate candidates

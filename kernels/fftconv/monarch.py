@@ -126,12 +126,13 @@ def _round_out(kept: tuple[int, ...], size: int, minimum: int) -> tuple[int, ...
 
 
 def make_plan(len_in: int, ksize: int, n_out: int, freq_mask=None, n: int | None = None,
-              min_keep: int = 1) -> Plan:
+              min_keep: tuple[int, int] = (1, 1)) -> Plan:
     """Plan for y = (x ∗ k)[0:n_out], x of length len_in, k of length ksize, optional block mask.
 
-    ``min_keep``: a frequency-sparse plan keeps at least this many first and last digits (the matmul
-    tile minimum: 16 for tensor-core dots in the Pallas kernels). Digits added to reach it are zeroed
-    by the residual mask, so the result is the same; only less of the work is skipped."""
+    ``min_keep``: a frequency-sparse plan keeps at least this many (first, last) digits, where they are a
+    kernel's matmul dimension (16 for tensor-core dots in the Pallas kernels: `pallas.sparse_min_keep`).
+    Digits added to reach it are zeroed by the residual mask, so the result is the same; only less of the
+    work is skipped."""
     n = fft_size(len_in + ksize - 1) if n is None else n
     if n_out > n:
         raise ValueError(f"n_out={n_out} exceeds the FFT size {n}")
@@ -144,8 +145,8 @@ def make_plan(len_in: int, ksize: int, n_out: int, freq_mask=None, n: int | None
     if freq_mask is not None:
         grid = np.asarray(freq_mask, dtype=bool)
         dense = expand_block_mask(grid, f0, fl)  # (f0, fl) over (k_0, k_{p-1})
-        rows = _round_out(tuple(int(r) for r in np.flatnonzero(dense.any(axis=1))), f0, min_keep)
-        cols = _round_out(tuple(int(c) for c in np.flatnonzero(dense.any(axis=0))), fl, min_keep)
+        rows = _round_out(tuple(int(r) for r in np.flatnonzero(dense.any(axis=1))), f0, min_keep[0])
+        cols = _round_out(tuple(int(c) for c in np.flatnonzero(dense.any(axis=0))), fl, min_keep[1])
         sub = dense[np.ix_(rows, cols)]
         if not sub.all():
             mask = tuple(tuple(bool(v) for v in row) for row in sub)
@@ -207,6 +208,18 @@ def lowpass_mask(len_in: int, ksize: int, keep: float = 0.25) -> np.ndarray:
     grid = np.zeros((1, fl), dtype=bool)
     grid[0, :bands] = True
     grid[0, fl - bands :] = True
+    return grid
+
+
+def comb_mask(len_in: int, ksize: int, keep: float = 0.25) -> np.ndarray:
+    """A (f_0, 1) mask keeping every (1/keep)-th first digit: the bins k ≡ 0 (mod 1/keep), a filter that is
+    periodic with period N·keep. Its zero blocks are whole outer groups, so their inner transforms are skipped."""
+    _, f0, _ = freq_grid(len_in, ksize)
+    stride = int(round(1 / keep))
+    if stride < 1 or f0 % stride:
+        raise ValueError(f"comb_mask: keep={keep} needs 1/keep dividing f_0 = {f0}")
+    grid = np.zeros((f0, 1), dtype=bool)
+    grid[::stride] = True
     return grid
 
 

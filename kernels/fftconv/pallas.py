@@ -32,8 +32,10 @@ Everything inside is 2-D dots on (re, im) planes (no complex dtypes) at a `preci
 the data are cast before each dot, accumulation is fp32, and twiddles, the spectrum product, bias and
 gates are fp32 on the accumulator.
 Dot dimensions are ≥ 16 and powers of two: dense plans pad time rows up to a power of two ≥ 16, and
-frequency-sparse plans made for this impl keep at least 16 first and last digits (`monarch.MIN_DOT`;
-an 8-wide bf16 dot compiled and gave wrong results on an H200). Grid: (batch, channel tiles[, row tiles]); each
+frequency-sparse plans made for this impl keep at least 16 last digits, and 16 first digits on 2-stage
+plans, where they are a dot dimension (`sparse_min_keep`, `monarch.MIN_DOT`; an 8-wide bf16 dot compiled
+and gave wrong results on an H200). On ≥ 3-stage plans the first digits are the inner kernels' grid rows,
+so a mask that drops outer groups (`monarch.comb_mask`) skips their whole inner transforms. Grid: (batch, channel tiles[, row tiles]); each
 program loops over its channels (and rows) with `lax.fori_loop`. Block shapes keep full trailing
 dims so they are legal for Mosaic too.
 
@@ -294,6 +296,14 @@ def uses_fused_kernels(plan: Plan) -> bool:
     """Whether `conv_fused` takes this plan: every 2-stage plan, and dense 3-stage plans up to
     `TUNING.fused3_max_fft`."""
     return plan.stages == 2 or (plan.stages == 3 and plan.dense and plan.n <= TUNING.fused3_max_fft)
+
+
+def sparse_min_keep(n: int) -> tuple[int, int]:
+    """Fewest (first, last) frequency digits a sparse plan of FFT size n keeps for these kernels: the last
+    digits are a dot dimension in every kernel (`monarch.MIN_DOT`); the first digits only in the fused
+    2-stage kernels. On ≥ 3-stage plans they are the inner kernels' grid rows (the XLA outer stage takes
+    any count), so a mask that drops whole outer groups skips their work outright."""
+    return (monarch.MIN_DOT if len(monarch.plan_factors(n)) == 2 else 1, monarch.MIN_DOT)
 
 
 def _transforms(stages: int, overlap_save: bool = False):
