@@ -78,7 +78,8 @@ def test_partial_filter_runs_block_toeplitz_on_the_public_op(impl):
 
 def test_auto_impl_scope_sets_what_auto_runs_in_a_model():
     """Inside `auto_impl("pallas")` a Hyena mixer (which calls fftconv with impl="auto") traces a
-    `pallas_call`; outside it, auto is jnp.fft on CPU; the scope nests and an unknown impl is an error."""
+    `pallas_call`; outside it, auto is the Toeplitz matmul on CPU at L 32; the scope nests and an unknown
+    impl is an error."""
     from flax import nnx
 
     from kernels.fftconv import auto_impl
@@ -93,11 +94,12 @@ def test_auto_impl_scope_sets_what_auto_runs_in_a_model():
         graphdef, state = nnx.split(model)
         return str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(tokens))(state))
 
-    assert "pallas_call" not in primitives() and "fft[" in primitives()
+    outside = primitives()
+    assert "pallas_call" not in outside and "fft[" not in outside and "toeplitz_conv" in outside
     with auto_impl("pallas"):
         assert "pallas_call" in primitives()
         with auto_impl("xla"):
-            assert "pallas_call" not in primitives()
+            assert "pallas_call" not in primitives() and "fft[" in primitives()
         assert "pallas_call" in primitives()
     assert "pallas_call" not in primitives()
     with pytest.raises(FFTConvError, match="unknown impl 'cuda'"):

@@ -20,7 +20,9 @@ naming the argument (see `raise_if_non_finite`).
 Implementations (all compute the same function; see kernels/fftconv/conv.py and monarch.py):
   "xla"         jnp.fft rfft/irfft with zero padding (fp32);
   "xla-matmul"  the FFT written as 2-4 stages of small DFT-matrix matmuls + twiddles (plain XLA);
-  "pallas"      the same factorisation as a fused Pallas kernel (interpret mode on CPU).
+  "pallas"      the same factorisation as a fused Pallas kernel (interpret mode on CPU);
+  "direct"      no FFT: one (L, L) Toeplitz matmul per channel, O(L²) (kernels/fftconv/toeplitz.py), for
+                short sequences; no freq_mask.
 Precision (`precision=`, matmul impls only; see kernels/fftconv/precision.py for the error bounds):
 "fp32" (alias "highest"), "bf16x3", "tf32" (GPU only), "fp16", "bf16"; None = the input dtype's own
 (bf16 → "bf16", fp16 → "fp16", fp32 → "fp32"). "xla" always computes an fp32 FFT (within every bound).
@@ -43,6 +45,7 @@ import numpy as np
 from kernels.fftconv import conv as _conv
 from kernels.fftconv import monarch as _monarch
 from kernels.fftconv import precision as _precision
+from kernels.fftconv import toeplitz as _toeplitz
 from kernels.fftconv import tuned as _tuned
 from kernels.fftconv.reference import fftconv_xla
 
@@ -74,9 +77,24 @@ def _pallas(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, p
                                 precision=precision, layout=layout)
 
 
+def _direct(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None, layout="blh"):
+    del precision  # fp32 at every setting
+    if freq_mask is not None:
+        raise FFTConvError("fftconv: impl='direct' computes the plain causal conv; a freq_mask needs an FFT impl "
+                           "('xla', 'xla-matmul' or 'pallas')")
+    sizes = dict(zip(layout, u.shape))
+    need = _toeplitz.matrix_bytes(sizes["l"], sizes["h"])
+    if need > _toeplitz.MAX_MATRIX_BYTES:
+        raise FFTConvError(f"fftconv: impl='direct' needs an (H, L, L) = ({sizes['h']}, {sizes['l']}, {sizes['l']}) "
+                           f"fp32 Toeplitz matrix ({need / 2**30:.1f} GiB, over its {_toeplitz.MAX_MATRIX_BYTES >> 30} "
+                           f"GiB limit); use an FFT impl for long sequences")
+    return _toeplitz.toeplitz_conv(u, k, bias, pre_gate, post_gate, layout=layout)
+
+
 # name -> implementation with the signature of `fftconv_xla` plus keyword-only `freq_mask`, `precision`,
 # `layout`.
-IMPLEMENTATIONS: dict[str, Callable] = {"xla": _xla, "xla-matmul": _xla_matmul, "pallas": _pallas}
+IMPLEMENTATIONS: dict[str, Callable] = {"xla": _xla, "xla-matmul": _xla_matmul, "pallas": _pallas,
+                                        "direct": _direct}
 
 # "auto" picks Pallas on GPU for FFT sizes up to this, overriding the measured table (tuned.json).
 # 0 = never: set the environment variable LONGCONV_PALLAS_AUTO_MAX_FFT (e.g. 4096) to opt in globally.
@@ -203,11 +221,14 @@ def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = No
     `scripts/gpu_check.py --write-table`) for (backend, device kind, FFT size, dtype, mode: "partial" for a
     filter that runs as chunks, `conv.chunk_size`, else "dense"); "xla" where the
     table has no row (on CPU the Pallas kernel only runs interpreted, and the matmul factorisation does
-    O(N·Σf) work against pocketfft's O(N log N)). On GPU, LONGCONV_PALLAS_AUTO_MAX_FFT=N forces
-    "pallas" for FFT sizes <= N regardless of the table.
+    O(N·Σf) work against pocketfft's O(N log N)). On CPU, "direct" (the Toeplitz matmul) for
+    L ≤ `toeplitz.AUTO_MAX_LEN` without a freq_mask, where it was measured faster than jnp.fft. On GPU,
+    LONGCONV_PALLAS_AUTO_MAX_FFT=N forces "pallas" for FFT sizes <= N regardless of the table.
     """
     backend = backend or jax.default_backend()
     ksize = seqlen if ksize is None else ksize
+    if backend == "cpu" and freq_mask is None and seqlen <= _toeplitz.AUTO_MAX_LEN:
+        return "direct"
     n = _monarch.fft_size(seqlen + ksize - 1)
     if backend == "gpu" and n <= PALLAS_AUTO_MAX_FFT:
         return "pallas"
