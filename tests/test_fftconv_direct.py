@@ -86,6 +86,11 @@ def test_auto_takes_direct_for_short_sequences_on_cpu():
     assert default_impl(toeplitz.AUTO_MAX_LEN + 1, "cpu") == "xla"
     assert default_impl(64, "cpu", freq_mask=np.ones((1, 2), bool)) == "xla"
     assert default_impl(64, "gpu") == "xla" and default_impl(64, "tpu") == "xla"  # not measured there
+    too_wide = toeplitz.MAX_MATRIX_BYTES // toeplitz.matrix_bytes(128, 1) + 1  # channels whose matrix is refused
+    assert default_impl(128, "cpu", channels=too_wide - 1) == "direct"
+    assert default_impl(128, "cpu", channels=too_wide) == "xla"
+    wide = (jax.ShapeDtypeStruct((1, 128, too_wide), jnp.float32), jax.ShapeDtypeStruct((128, too_wide), jnp.float32))
+    jax.eval_shape(lambda u, k: fftconv(u, k), *wide)  # auto passes the channel count: no refused matrix
     if jax.default_backend() != "cpu":
         return
     u, k, bias, pre, post = make_inputs(2, 64, 3, 64, seed=4)
