@@ -16,6 +16,12 @@ after one compiling call, with wall, user and system CPU time and minor page fau
 - with ``--full-epoch``, one real epoch through `lm.mqar.runner.train_group` (host loop and evaluation
   included).
 
+``--mixer`` times another mixer of the config in the same cell (its paper settings), and
+``--fftconv-impl`` runs every long convolution on one `kernels.fftconv` impl (`auto_impl`) for an A/B:
+
+    python scripts/bench_mqar_step.py --mixer baseconv --members 1 --member-loops map --profile-loops \
+        --fftconv-impl xla --out /tmp/baseconv_xla      # then --fftconv-impl direct, back to back
+
 The "before" reference is issue 10's measurement on this machine kind (2-vCPU AMD EPYC): 107 s per
 epoch, against Zoology's own PyTorch code at about 50 s; the target is at most 25 s. Writes
 ``<out>.json`` and ``<out>.md`` (default results/mqar/speed_cpu) naming the machine and the load average.
@@ -29,6 +35,7 @@ epoch, against Zoology's own PyTorch code at about 50 s; the target is at most 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -42,8 +49,7 @@ sys.path.insert(0, str(REPO))
 BEFORE_S_PER_EPOCH = 107.0  # issue 10: this runner before the change, paper cell, 2-vCPU AMD EPYC
 ZOOLOGY_S_PER_EPOCH = 50.0  # issue 10: Zoology's PyTorch code, same cell and machine kind
 TARGET_S_PER_EPOCH = 25.0
-CELL = ["grid.mixers=[attention]", "grid.d_models=[64]", "grid.lrs=[4.6415888e-4]",
-        "grid.points=[{seq_len: 64, num_kv_pairs: 4, batch_size: 512}]"]
+CELL = ["grid.d_models=[64]", "grid.lrs=[4.6415888e-4]", "grid.points=[{seq_len: 64, num_kv_pairs: 4, batch_size: 512}]"]
 
 
 def usage() -> tuple[float, float, float, int]:
@@ -81,8 +87,11 @@ def main() -> int:
     ap.add_argument("--glibc-malloc", action="store_true", help="keep glibc's malloc defaults (no keep_freed_memory)")
     ap.add_argument("--profile-loops", nargs="*", default=["vmap", "map"],
                     help="member loops whose 1-member step is profiled per XLA op (5 steps each)")
+    ap.add_argument("--mixer", default="attention", help="mixer label of configs/mqar/zoology.yaml")
+    ap.add_argument("--fftconv-impl", default="auto", help="impl of every long convolution (kernels.fftconv)")
     ap.add_argument("--out", default=str(REPO / "results" / "mqar" / "speed_cpu"), help="output path without suffix")
     args = ap.parse_args()
+    cell = [f"grid.mixers=[{args.mixer}]", *CELL]
 
     from lm.mqar import runner
 
@@ -94,13 +103,17 @@ def main() -> int:
     from flax import nnx
 
     import lm.mixers  # noqa: F401
+    from kernels.fftconv import auto_impl
     from kernels.fftconv.bench import machine_info
     from lm.model import LM
     from lm.profile import ops_table, profile_ops
 
+    scope = contextlib.ExitStack()  # every trace below (steps, pieces, epoch) sees the chosen impl
+    if args.fftconv_impl != "auto":
+        scope.enter_context(auto_impl(args.fftconv_impl))
     load_before = os.getloadavg()
     cfg = runner.load_mqar_config(REPO / "configs" / "mqar" / "zoology.yaml",
-                                  CELL + [f"data.num_train_examples={args.rows}"])
+                                  cell + [f"data.num_train_examples={args.rows}"])
     base = runner.expand_grid(cfg)[0]
     t = time.perf_counter()
     train = runner.make_split(cfg, base.point, True)
@@ -161,7 +174,7 @@ def main() -> int:
     epoch = None
     if args.full_epoch:
         one_epoch = runner.load_mqar_config(REPO / "configs" / "mqar" / "zoology.yaml",
-                                            CELL + [f"data.num_train_examples={args.rows}", "train.max_epochs=1"])
+                                            cell + [f"data.num_train_examples={args.rows}", "train.max_epochs=1"])
         t = time.perf_counter()
         rec = runner.train_group(one_epoch, runner.expand_grid(one_epoch), train, test, progress=False)[0]
         epoch = {"wall_s": round(time.perf_counter() - t, 1), "startup_s": rec["startup_s"], "cpu_s": rec["cpu_s"],
@@ -169,21 +182,26 @@ def main() -> int:
         print("full epoch:", epoch, flush=True)
 
     info = machine_info()
-    result = {"cell": "attention d64 L64 P4 V8192 batch 512, 2 layers, learned positions, init 0.02",
+    result = {"cell": f"{args.mixer} d64 L64 P4 V8192 batch 512, 2 layers, init 0.02"
+                      + (", learned positions" if args.mixer == "attention" else ""),
+              "fftconv_impl": args.fftconv_impl,
               "machine": info, "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "malloc": malloc, "data_generation_s": round(gen_s, 2), "steps_per_epoch": spe, "params": n_params,
-              "before_s_per_epoch": BEFORE_S_PER_EPOCH, "zoology_s_per_epoch": ZOOLOGY_S_PER_EPOCH,
-              "target_s_per_epoch": TARGET_S_PER_EPOCH, "pieces": rows,
+              "pieces": rows,
               "profiles": {k: v[:40] for k, v in profiles.items()}, "full_epoch": epoch,
               "command": " ".join(sys.argv)}
+    if args.mixer == "attention":  # issue 10's references are for this cell
+        result.update(before_s_per_epoch=BEFORE_S_PER_EPOCH, zoology_s_per_epoch=ZOOLOGY_S_PER_EPOCH,
+                      target_s_per_epoch=TARGET_S_PER_EPOCH)
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# MQAR paper-cell speed ({info['backend']})", "",
              f"Machine: {info['cpu']}, {info['cpu_count']} logical cores, jax {info['jax']}, {info['time']}; "
              f"load average {load_before[0]:.1f} before, {result['load_average_after'][0]:.1f} after; malloc: {malloc}.",
-             f"Cell: {result['cell']}; {spe} steps an epoch. Before: {BEFORE_S_PER_EPOCH:g} s/epoch (issue 10); "
-             f"Zoology: ~{ZOOLOGY_S_PER_EPOCH:g} s/epoch; target <= {TARGET_S_PER_EPOCH:g} s/epoch.", "",
+             f"Cell: {result['cell']}; long convolutions: fftconv impl {args.fftconv_impl}; {spe} steps an epoch."
+             + (f" Before: {BEFORE_S_PER_EPOCH:g} s/epoch (issue 10); Zoology: ~{ZOOLOGY_S_PER_EPOCH:g} s/epoch; "
+                f"target <= {TARGET_S_PER_EPOCH:g} s/epoch." if args.mixer == "attention" else ""), "",
              "| piece | members | wall ms | user ms | sys ms | minor faults | s/epoch per member |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
