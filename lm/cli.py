@@ -1,14 +1,20 @@
 """The `longconv` command: one subcommand per module, each a thin layer over the library.
 
 Each command module exposes ``add_arguments(parser)`` and ``main(args)``; modules are imported lazily
-so `longconv --help` stays fast.
+so `longconv --help` stays fast. While a command runs, SIGTERM (`kill`, `timeout`, a scheduler's stop)
+acts like Ctrl-C: training checkpoints and MQAR records its cut runs before the process exits. This
+matters for background jobs, which a non-interactive shell starts with SIGINT ignored. A second SIGTERM
+kills at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "mixers": ("lm.mixer_table", "list every mixer with its parameter count at a given width"),
@@ -20,6 +26,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lm.generate", "sample text from a trained or distilled run"),
     "bench": ("kernels.fftconv.bench", "benchmark the fftconv implementations"),
 }
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within this scope the first SIGTERM raises KeyboardInterrupt in the main thread (as Ctrl-C does) and
+    restores the previous handler, so a second one acts as it would have. No-op off the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGTERM, previous)
+        raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[args.command][0])
-    return int(module.main(args) or 0)
+    with sigterm_as_interrupt():
+        return int(module.main(args) or 0)
 
 
 if __name__ == "__main__":
