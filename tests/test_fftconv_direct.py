@@ -81,22 +81,32 @@ def test_direct_rejects_masks_and_huge_matrices():
         jax.eval_shape(lambda u: fftconv(u, jnp.ones((4, 2)), impl="direct"), big)
 
 
-def test_auto_takes_direct_for_short_sequences_on_cpu():
-    assert default_impl(toeplitz.AUTO_MAX_LEN, "cpu") == "direct"
-    assert default_impl(toeplitz.AUTO_MAX_LEN + 1, "cpu") == "xla"
-    assert default_impl(64, "cpu", freq_mask=np.ones((1, 2), bool)) == "xla"
-    assert default_impl(64, "gpu") == "xla" and default_impl(64, "tpu") == "xla"  # not measured there
-    too_wide = toeplitz.MAX_MATRIX_BYTES // toeplitz.matrix_bytes(128, 1) + 1  # channels whose matrix is refused
-    assert default_impl(128, "cpu", channels=too_wide - 1) == "direct"
-    assert default_impl(128, "cpu", channels=too_wide) == "xla"
-    wide = (jax.ShapeDtypeStruct((1, 128, too_wide), jnp.float32), jax.ShapeDtypeStruct((128, too_wide), jnp.float32))
+def test_auto_takes_direct_for_short_sequences_in_large_batches_on_cpu():
+    lmax, per_len = toeplitz.AUTO_MAX_LEN, toeplitz.AUTO_MIN_BATCH_PER_LEN
+    assert default_impl(lmax, "cpu", batch=per_len * lmax) == "direct"
+    assert default_impl(lmax + 1, "cpu", batch=per_len * (lmax + 1)) == "xla"
+    assert default_impl(lmax, "cpu", batch=per_len * lmax - 1) == "xla"  # the matrix would cost more than the batch
+    assert default_impl(64, "cpu", batch=512, freq_mask=np.ones((1, 2), bool)) == "xla"
+    assert default_impl(64, "gpu", batch=512) == "xla" and default_impl(64, "tpu", batch=512) == "xla"  # not measured
+    too_wide = toeplitz.MAX_MATRIX_BYTES // toeplitz.matrix_bytes(lmax, 1) + 1  # channels whose matrix is refused
+    assert default_impl(lmax, "cpu", batch=per_len * lmax, channels=too_wide - 1) == "direct"
+    assert default_impl(lmax, "cpu", batch=per_len * lmax, channels=too_wide) == "xla"
+    wide = (jax.ShapeDtypeStruct((per_len * lmax, lmax, too_wide), jnp.float32),
+            jax.ShapeDtypeStruct((lmax, too_wide), jnp.float32))
     jax.eval_shape(lambda u, k: fftconv(u, k), *wide)  # auto passes the channel count: no refused matrix
     if jax.default_backend() != "cpu":
         return
-    u, k, bias, pre, post = make_inputs(2, 64, 3, 64, seed=4)
-    eqns = [eqn for eqn, _ in equations(lambda *a: fftconv(*a[:3], pre_gate=a[3], post_gate=a[4]), u, k, bias, pre, post)]
+    seqlen = 16
+    u, k, bias, pre, post = make_inputs(per_len * seqlen, seqlen, 3, seqlen, seed=4)
+
+    def kinds(*args):
+        return [eqn for eqn, _ in equations(lambda *a: fftconv(*a[:3], pre_gate=a[3], post_gate=a[4]), *args)]
+
+    eqns = kinds(u, k, bias, pre, post)
     assert "fft" not in {eqn.primitive.name for eqn in eqns}  # the Toeplitz matmul ran, not jnp.fft
     dots = [eqn for eqn in eqns if eqn.primitive.name == "dot_general"]
-    assert [eqn.invars[1].aval.shape for eqn in dots] == [(3, 64, 64)]  # (H, L, L)
+    assert [eqn.invars[1].aval.shape for eqn in dots] == [(3, seqlen, seqlen)]  # (H, L, L)
     assert "HIGHEST" in str(dots[0].params["precision"])  # fp32 on every backend (GPU/TPU default is lower)
     assert rel_l2(fftconv(u, k, bias, pre_gate=pre, post_gate=post), direct_causal_conv_np(u, k, bias, pre, post)) < FP32_TOL
+    small = [a[:per_len * seqlen - 1] if a.ndim == 3 else a for a in (u, k, bias, pre, post)]
+    assert "fft" in {eqn.primitive.name for eqn in kinds(*small)}  # one row fewer: jnp.fft

@@ -214,7 +214,7 @@ def auto_impl(impl: str):
 
 
 def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = None, dtype=None,
-                 device_kind: str | None = None, freq_mask=None, channels: int = 1) -> str:
+                 device_kind: str | None = None, freq_mask=None, channels: int = 1, batch: int = 1) -> str:
     """The implementation `impl="auto"` picks for this backend, device, length and input dtype.
 
     The measured winner from the committed table `kernels/fftconv/tuned.json` (filled on the device by
@@ -222,13 +222,15 @@ def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = No
     filter that runs as chunks, `conv.chunk_size`, else "dense"); "xla" where the
     table has no row (on CPU the Pallas kernel only runs interpreted, and the matmul factorisation does
     O(N·Σf) work against pocketfft's O(N log N)). On CPU, "direct" (the Toeplitz matmul) for
-    L ≤ `toeplitz.AUTO_MAX_LEN` without a freq_mask, where it was measured faster than jnp.fft (and its
-    (channels, L, L) matrix fits `toeplitz.MAX_MATRIX_BYTES`). On GPU,
+    L ≤ `toeplitz.AUTO_MAX_LEN` and batch ≥ `toeplitz.AUTO_MIN_BATCH_PER_LEN`·L without a freq_mask, where
+    it was measured faster than jnp.fft (and its (channels, L, L) matrix fits `toeplitz.MAX_MATRIX_BYTES`).
+    On GPU,
     LONGCONV_PALLAS_AUTO_MAX_FFT=N forces "pallas" for FFT sizes <= N regardless of the table.
     """
     backend = backend or jax.default_backend()
     ksize = seqlen if ksize is None else ksize
     if (backend == "cpu" and freq_mask is None and seqlen <= _toeplitz.AUTO_MAX_LEN
+            and batch >= _toeplitz.AUTO_MIN_BATCH_PER_LEN * seqlen
             and _toeplitz.matrix_bytes(seqlen, channels) <= _toeplitz.MAX_MATRIX_BYTES):
         return "direct"
     n = _monarch.fft_size(seqlen + ksize - 1)
@@ -259,8 +261,8 @@ def fftconv(u, k, bias=None, *, pre_gate=None, post_gate=None, freq_mask=None, i
     if impl == "auto":
         seqlen = u.shape[_conv.seq_axis(layout)]
         impl = _AUTO_OVERRIDE[-1] if _AUTO_OVERRIDE else default_impl(seqlen, jax.default_backend(), k.shape[0],
-                                                                      u.dtype, freq_mask=freq_mask,
-                                                                      channels=k.shape[1])
+                                                                      u.dtype, freq_mask=freq_mask, channels=k.shape[1],
+                                                                      batch=u.shape[layout.index("b")])
     if impl not in IMPLEMENTATIONS:
         raise FFTConvError(f"fftconv: unknown impl {impl!r}; choose 'auto' or one of {sorted(IMPLEMENTATIONS)}")
     return IMPLEMENTATIONS[impl](u, k, bias, pre_gate, post_gate, freq_mask=freq_mask, precision=precision,

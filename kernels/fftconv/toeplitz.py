@@ -2,13 +2,13 @@
 
     T[h, s, t] = k[t − s, h] for 0 ≤ t − s < K (else 0);   y[b, t, h] = Σ_s x[b, s, h] · T[h, s, t]
 
-O(B·H·L²) work and an (H, L, L) fp32 matrix, against the FFT's O(B·H·L log L): it wins for short
-sequences, where the FFT's passes over memory cost more than the matmul (on the 2-core CPU VM, gated fp32
-forward+backward at B·L = 32k: 1.6-2.7× faster at L 32-64, 1.1-1.9× at L 128, 0.6× at L 256, for H 64-256:
-`scripts/bench_direct_conv.py`, results/fftconv/direct_vs_fft_cpu.md).
-`api.default_impl` picks it on CPU up to `AUTO_MAX_LEN`. fp32 inside (dots at HIGHEST) at every
-precision setting, like impl "xla"; the result is cast to u's dtype. T is built by copies (a tiled,
-re-strided filter row), so its gradient is a sum over diagonals with no scatter.
+O(B·H·L²) work plus an (H, L, L) fp32 matrix built per call, against the FFT's O(B·H·L log L): it wins for
+short sequences in large batches, where the FFT's passes over memory cost more than the matmul and the
+batch amortises the matrix. On the 2-core CPU VM (gated fp32 forward+backward, H 64-256,
+`scripts/bench_direct_conv.py`, results/fftconv/direct_vs_fft_cpu.md) it is 1.2-2.6× faster than
+`jnp.fft` for L ≤ 128 once B ≥ 2L (about even at L 256, slower beyond), and 1.5-50× slower at B 4 (the
+matrix then costs more than the batch's conv). `api.default_impl` picks it on CPU for L ≤ `AUTO_MAX_LEN` and B ≥ `AUTO_MIN_BATCH_PER_LEN`·L.
+fp32 inside (dots at HIGHEST) at every precision setting, like impl "xla"; the result is cast to u's dtype.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-AUTO_MAX_LEN = 128  # `impl="auto"` on CPU takes this impl for L ≤ this (measured crossover: 128-256)
+AUTO_MAX_LEN = 128  # `impl="auto"` on CPU takes this impl for L ≤ this …
+AUTO_MIN_BATCH_PER_LEN = 2  # … and B ≥ this · L (the batch's B·L samples amortise the matrix's L² per channel)
 MAX_MATRIX_BYTES = 1 << 30  # larger (H, L, L) Toeplitz matrices are refused: use an FFT impl
 
 
@@ -28,14 +30,13 @@ def matrix_bytes(seqlen: int, channels: int) -> int:
 
 
 def toeplitz(k, seqlen: int):
-    """(H, L, L) fp32 with T[h, s, t] = k[t − s, h] for 0 ≤ t − s < K, else 0; k (K, H), K ≤ L.
-
-    Row s of T is the filter shifted right by s: a zero-padded filter row of period 2L+1, tiled L times
-    and read back in rows of 2L, is shifted by one more sample per row (the wrapped tail lands in zeros)."""
-    ksize, channels = k.shape
-    row = jnp.pad(jnp.transpose(k.astype(jnp.float32)), ((0, 0), (0, 2 * seqlen + 1 - ksize)))  # (H, 2L+1)
-    skewed = jnp.tile(row, (1, seqlen))[:, : 2 * seqlen * seqlen]
-    return skewed.reshape(channels, seqlen, 2 * seqlen)[:, :, :seqlen]
+    """(H, L, L) fp32 with T[h, s, t] = k[t − s, h] for 0 ≤ t − s < K, else 0; k (K, H), K ≤ L: one gather
+    with static indices (its gradient, a scatter-add onto the K taps, measured faster on CPU than building
+    T from re-strided copies)."""
+    ksize = k.shape[0]
+    lag = np.arange(seqlen)[None, :] - np.arange(seqlen)[:, None]  # (s, t) -> t − s
+    taps = jnp.transpose(k.astype(jnp.float32))[:, np.clip(lag, 0, ksize - 1)]
+    return jnp.where((lag >= 0) & (lag < ksize), taps, 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
