@@ -224,8 +224,7 @@ def default_impl(seqlen: int, backend: str | None = None, ksize: int | None = No
     O(N·Σf) work against pocketfft's O(N log N)). On CPU, "direct" (the Toeplitz matmul) for
     L ≤ `toeplitz.AUTO_MAX_LEN` and batch ≥ `toeplitz.AUTO_MIN_BATCH_PER_LEN`·L without a freq_mask, where
     it was measured faster than jnp.fft (and its (channels, L, L) matrix fits `toeplitz.MAX_MATRIX_BYTES`).
-    On GPU,
-    LONGCONV_PALLAS_AUTO_MAX_FFT=N forces "pallas" for FFT sizes <= N regardless of the table.
+    On GPU, LONGCONV_PALLAS_AUTO_MAX_FFT=N forces "pallas" for FFT sizes <= N regardless of the table.
     """
     backend = backend or jax.default_backend()
     ksize = seqlen if ksize is None else ksize

@@ -7,8 +7,9 @@ short sequences in large batches, where the FFT's passes over memory cost more t
 batch amortises the matrix. On the 2-core CPU VM (gated fp32 forward+backward, H 64-256,
 `scripts/bench_direct_conv.py`, results/fftconv/direct_vs_fft_cpu.md) it is 1.2-2.6× faster than
 `jnp.fft` for L ≤ 128 once B ≥ 2L (about even at L 256, slower beyond), and 1.5-50× slower at B 4 (the
-matrix then costs more than the batch's conv). `api.default_impl` picks it on CPU for L ≤ `AUTO_MAX_LEN` and B ≥ `AUTO_MIN_BATCH_PER_LEN`·L.
-fp32 inside (dots at HIGHEST) at every precision setting, like impl "xla"; the result is cast to u's dtype.
+matrix then costs more than the batch's conv). `api.default_impl` picks it on CPU for L ≤ `AUTO_MAX_LEN`
+and B ≥ `AUTO_MIN_BATCH_PER_LEN`·L. fp32 inside (dots at HIGHEST) at every precision setting, like impl
+"xla"; the result is cast to u's dtype.
 """
 
 from __future__ import annotations
