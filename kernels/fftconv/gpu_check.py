@@ -1,7 +1,8 @@
 """One prepared device run: correctness against float64 and the benchmark table (`scripts/gpu_check.py`).
 
 1. Correctness: every impl × precision (valid for the input dtype) × mode (`bench.modes`: dense,
-   partial K = L/16, 25 % frequency-sparse as a low-pass band and as a comb) against a float64 NumPy FFT conv; pass = finite and rel. L2 error within
+   partial K = L/16, 25 % frequency-sparse as a low-pass band and as a comb) against a float64 NumPy FFT
+   conv; pass = finite and rel. L2 error within
    `precision.ERROR_BOUNDS` plus the output dtype's rounding (`OUTPUT_ROUNDING`).
 2. Benchmark, in priority order until the time budget is spent (later rows are recorded as skipped):
    bf16 gated forward at every L, forward+backward, partial / sparse modes, fp32. jnp.fft ("xla") is

@@ -35,7 +35,8 @@ Dot dimensions are ≥ 16 and powers of two: dense plans pad time rows up to a p
 frequency-sparse plans made for this impl keep at least 16 last digits, and 16 first digits on 2-stage
 plans, where they are a dot dimension (`sparse_min_keep`, `monarch.MIN_DOT`; an 8-wide bf16 dot compiled
 and gave wrong results on an H200). On ≥ 3-stage plans the first digits are the inner kernels' grid rows,
-so a mask that drops outer groups (`monarch.comb_mask`) skips their whole inner transforms. Grid: (batch, channel tiles[, row tiles]); each
+so a mask that drops outer groups (`monarch.comb_mask`) skips their whole inner transforms.
+Grid: (batch, channel tiles[, row tiles]); each
 program loops over its channels (and rows) with `lax.fori_loop`. Block shapes keep full trailing
 dims so they are legal for Mosaic too.
 
