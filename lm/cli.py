@@ -10,11 +10,10 @@ kills at once.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import signal
 import sys
-import threading
+
+from lm.signals import sigterm_as_interrupt
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "mixers": ("lm.mixer_table", "list every mixer with its parameter count at a given width"),
@@ -26,26 +25,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("lm.generate", "sample text from a trained or distilled run"),
     "bench": ("kernels.fftconv.bench", "benchmark the fftconv implementations"),
 }
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Within this scope the first SIGTERM raises KeyboardInterrupt in the main thread (as Ctrl-C does) and
-    restores the previous handler, so a second one acts as it would have. No-op off the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def interrupt(signum, frame):
-        signal.signal(signal.SIGTERM, previous)
-        raise KeyboardInterrupt(f"signal {signum} (SIGTERM)")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ from lm.optim import lr_schedule, make_optimizer, model_label_map
 from lm.run_config import TrainConfig, TrainerConfig, load_train_config  # noqa: F401 (public names of lm.train)
 from lm.sharding import (batch_divisor, batch_sharding, describe, make_mesh, replicated, state_shardings,
                          sync_processes)
+from lm.signals import interrupts_deferred
 from lm.tracking import Tracker
 
 
@@ -566,11 +567,13 @@ class Trainer:
             with jax.set_mesh(self.mesh):
                 while self.step < end:
                     batch = self.data.next_batch()
-                    new_leaves, metrics = self._program("train_step", self._train_step, self._state_leaves, batch)(
-                        self._state_leaves, batch)
-                    data_before = self._data_state
-                    # One statement: an interrupt never leaves the state, step and data position apart.
-                    self._state_leaves, self.step, self._data_state = new_leaves, self.step + 1, self.data.state()
+                    # The step donates the state: an interrupt acts once the new state, step and data
+                    # position are all set.
+                    with interrupts_deferred():
+                        new_leaves, metrics = self._program("train_step", self._train_step, self._state_leaves,
+                                                            batch)(self._state_leaves, batch)
+                        data_before = self._data_state
+                        self._state_leaves, self.step, self._data_state = new_leaves, self.step + 1, self.data.state()
                     self._pending.append((self.step, metrics, data_before))
                     s = self.step
                     if s == first_step:  # compiled and ran: start the clock for tokens/s and the ETA here

@@ -243,6 +243,9 @@ def test_resume_skips_finished(tmp_path, monkeypatch):
     calls.clear()
     runner.sweep(cfg, out, progress=False)
     assert calls == []
+    # how often a group is checkpointed does not change its result: the finished runs still count
+    cfg_ckpt = runner.load_mqar_config(_write(tmp_path, _cfg_dict(tmp_path)), ["train.checkpoint_every_s=5"])
+    assert [runner.run_fingerprint(cfg_ckpt, r) for r in runs] == [runner.run_fingerprint(cfg, r) for r in runs]
     # changed settings (different fingerprint) are not reused
     cfg2 = runner.load_mqar_config(_write(tmp_path, _cfg_dict(tmp_path)), ["train.max_epochs=2"])
     runner.sweep(cfg2, out, progress=False)

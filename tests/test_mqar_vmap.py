@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 
 import numpy as np
 import optax
@@ -9,6 +11,7 @@ import pytest
 from flax import nnx
 
 from lm.mqar import runner
+from lm.signals import sigterm_as_interrupt
 
 STEPS_PER_EPOCH = 25  # 400 rows / batch 16
 
@@ -157,10 +160,12 @@ def uninterrupted(tmp_path_factory):
 
 class _StepCounter:
     """Wraps `runner._build_steps` so that every training step is counted, and Ctrl-C can be simulated
-    right before step ``interrupt_at`` (1-based, counted over all calls)."""
+    right before step ``interrupt_at`` (1-based, counted over all calls), a SIGTERM sent inside step
+    ``sigterm_in``, or the process killed right before step ``crash_at``."""
 
-    def __init__(self, monkeypatch, interrupt_at=None, clock=None):
-        self.calls, self.interrupt_at, self.clock = 0, interrupt_at, clock
+    def __init__(self, monkeypatch, interrupt_at=None, clock=None, sigterm_in=None, crash_at=None):
+        self.calls, self.interrupt_at, self.clock, self.sigterm_in = 0, interrupt_at, clock, sigterm_in
+        self.crash_at = crash_at
         build = runner._build_steps
 
         def counting_build(*args):
@@ -170,10 +175,16 @@ class _StepCounter:
                 if self.calls + 1 == self.interrupt_at:
                     self.interrupt_at = None
                     raise KeyboardInterrupt
+                if self.calls + 1 == self.crash_at:
+                    self.crash_at = None
+                    raise SystemExit("killed")  # no record, no checkpoint on the way out: as a killed process
                 self.calls += 1
                 if self.clock is not None:
                     self.clock.t += 1.0  # a step takes one (fake) second
-                return train_step(*a)
+                out = train_step(*a)
+                if self.calls == self.sigterm_in:
+                    os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step (which donated its input) runs
+                return out
 
             return counted_step, eval_step
 
@@ -198,6 +209,39 @@ def test_ctrl_c_records_interrupted_runs_and_rerun_resumes_exactly(tmp_path, mon
     for key, rec in resumed.items():
         assert _strip(rec) == _strip(uninterrupted[key])  # same history and accuracy as never interrupted
     assert not runner.checkpoint_path(out, runner.expand_grid(cfg)).exists()
+
+
+def test_a_stop_signal_during_a_step_acts_after_it(tmp_path, monkeypatch, uninterrupted):
+    """SIGTERM while a step runs (it donates the state it is given) stops the sweep once the step has
+    returned the new state: the checkpoint holds that step, and the rerun ends as if never interrupted."""
+    cfg = _cfg(tmp_path, max_epochs=2)
+    out = tmp_path / "out"
+    counter = _StepCounter(monkeypatch, sigterm_in=33)
+    with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        runner.sweep(cfg, out, progress=False, report=False)
+    recs = runner.read_results(out / "results.jsonl")
+    assert {r["stop"] for r in recs} == {"interrupted"} and {r["steps"] for r in recs} == {33}
+    assert runner.checkpoint_path(out, runner.expand_grid(cfg)).is_file()
+    runner.sweep(cfg, out, progress=False, report=False)
+    assert counter.calls == 2 * STEPS_PER_EPOCH
+    resumed = _final(out / "results.jsonl")
+    assert {k: _strip(r) for k, r in resumed.items()} == {k: _strip(r) for k, r in uninterrupted.items()}
+
+
+def test_a_killed_sweep_resumes_from_its_last_periodic_checkpoint(tmp_path, monkeypatch, uninterrupted):
+    """``train.checkpoint_every_s`` saves the group at evaluations: a process killed in epoch 2 (no record,
+    no checkpoint on the way out) resumes from the end of epoch 1 and ends as if never stopped."""
+    cfg = _cfg(tmp_path, max_epochs=2, checkpoint_every_s=1e-6)
+    out = tmp_path / "out"
+    counter = _StepCounter(monkeypatch, crash_at=STEPS_PER_EPOCH + 10)
+    with pytest.raises(SystemExit):
+        runner.sweep(cfg, out, progress=False, report=False)
+    assert not runner.read_results(out / "results.jsonl")
+    runner.sweep(cfg, out, progress=False, report=False)
+    assert counter.calls == (STEPS_PER_EPOCH + 9) + STEPS_PER_EPOCH  # steps 26-34 are trained again
+    resumed = _final(out / "results.jsonl")
+    assert {k: _strip(r) for k, r in resumed.items()} == {k: _strip(r) for k, r in uninterrupted.items()}
+    assert not runner.checkpoint_path(out, runner.expand_grid(cfg)).exists()  # removed once the runs ended
 
 
 class _FakeClock:

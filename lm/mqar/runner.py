@@ -21,6 +21,10 @@ live on the device and each step gathers its batch there; parameter and optimize
 On glibc, `keep_freed_memory` stops XLA's CPU buffers from being unmapped and page-faulted in again on
 every step.
 
+Parallel groups: on a CPU host, config key ``workers: N`` trains N groups at once, each in a worker process
+pinned to its own share of the cores (`lm.mqar.workers`); the small ops of these steps use one core better
+than two.
+
 Stopping: ``train.max_run_seconds`` caps a group's wall time (checked every step; stop ``time_limit``,
 final). ``--time-budget SECONDS`` stops the whole command before SECONDS (stop ``time_budget``) and
 Ctrl-C stops it at once (stop ``interrupted``): both write a record for every cut run and keep the
@@ -30,7 +34,8 @@ group's state in ``<out>/checkpoints/``, so rerunning the same command resumes e
 Results go to ``<out>/results.jsonl``, one line per ended or cut run (a later line of a run supersedes an
 earlier one); a restarted sweep skips runs whose key and settings fingerprint have a final record.
 ``table.md`` (cut runs marked ``[cut]``, early stops ``[e]``) and ``plot.png`` are (re)written at the end
-and the table is printed. Each evaluation prints one plain line with every member's test accuracy.
+and the table is printed. Each evaluation prints one plain line with every member's test accuracy (and,
+without progress bars, the training rate in tokens/s).
 """
 
 from __future__ import annotations
@@ -42,13 +47,14 @@ import json
 import pathlib
 import sys
 import time
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 import numpy as np
 
 from lm.config import ConfigError, apply_overrides, from_dict, read_yaml, save_config, to_dict
 from lm.host_memory import keep_freed_memory
 from lm.mqar.generator import MQARError, check_params, multiquery_ar, scored_positions
+from lm.signals import interrupts_deferred
 from lm.tracking import read_jsonl
 
 # ---------------------------------------------------------------------------------------------------
@@ -148,10 +154,13 @@ class TrainConfig:
     warmup_steps: int = 0
     max_run_seconds: float | None = None  # wall-clock cap per group of runs, checked every step (stop "time_limit")
     member_loop: Literal["auto", "vmap", "map"] = "auto"  # how one step runs a group's members; see member_loop_for
+    checkpoint_every_s: float = 600.0  # also checkpoint a group at the first evaluation this long after the last save
 
     def validate(self) -> None:
         if self.max_epochs < 1:
             raise ConfigError(f"config key 'train.max_epochs' must be >= 1, got {self.max_epochs}")
+        if self.checkpoint_every_s <= 0:
+            raise ConfigError(f"config key 'train.checkpoint_every_s' must be > 0, got {self.checkpoint_every_s}")
         if self.member_loop not in ("auto", "vmap", "map"):
             raise ConfigError(f"config key 'train.member_loop' must be auto, vmap or map, got {self.member_loop!r}")
 
@@ -160,6 +169,7 @@ class TrainConfig:
 class MQARConfig:
     name: str = "mqar"
     out_dir: str | None = None  # see OUTPUT_DIR_RULE
+    workers: int = 1  # CPU backend: processes training groups at once, each on its own cores (lm.mqar.workers)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelDefaults = dataclasses.field(default_factory=ModelDefaults)
     mixers: list[MixerRun] = dataclasses.field(default_factory=list)
@@ -167,6 +177,8 @@ class MQARConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
     def validate(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"config key 'workers' must be >= 1, got {self.workers}")
         if not self.mixers:
             raise ConfigError("config key 'mixers' must list at least one {label, mixer}")
         labels = [m.label for m in self.mixers]
@@ -276,11 +288,15 @@ def model_config_for(cfg: MQARConfig, run: Run):
     )
 
 
+NOT_FINGERPRINTED = ("checkpoint_every_s",)  # train keys added later that leave a run's result as it is
+
+
 def run_fingerprint(cfg: MQARConfig, run: Run) -> str:
     """Hash of everything that determines a run's result (data, model, training, point, lr, seed)."""
     mcfg = model_config_for(cfg, run)
+    train = {k: v for k, v in to_dict(cfg.train).items() if k not in NOT_FINGERPRINTED}
     blob = json.dumps(
-        {"data": to_dict(cfg.data), "model": to_dict(mcfg), "train": to_dict(cfg.train),
+        {"data": to_dict(cfg.data), "model": to_dict(mcfg), "train": train,
          "point": to_dict(run.point), "lr": run.lr, "seed": run.seed},
         sort_keys=True, default=str,
     )
@@ -580,7 +596,9 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
     ``deadline`` (a ``time.perf_counter()`` value) stops the group before it, with room for the queued steps,
     an evaluation and the checkpoint (stop ``time_budget``); Ctrl-C stops it with stop ``interrupted`` and
     re-raises KeyboardInterrupt. In both cases the members' state is saved to
-    ``checkpoint`` (if given) and a later call with the same runs resumes from it exactly.
+    ``checkpoint`` (if given) and a later call with the same runs resumes from it exactly. It is also saved
+    at the first evaluation ``train.checkpoint_every_s`` after the last save, so that a killed process
+    loses at most that much (plus an evaluation interval) of training.
     """
     import jax
     import jax.numpy as jnp
@@ -631,6 +649,19 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
             if on_record is not None:
                 on_record(rec)
 
+    def save() -> None:
+        """Checkpoint the members still training: state, step, clocks and evaluation histories."""
+        state = (params, opt_state, rest)
+        jax.block_until_ready(state)
+        if len(active) < len(runs) and not drop_stopped:  # frozen members are not saved
+            state = _take_members(state, [slot[m] for m in active])
+        save_checkpoint(checkpoint, state, {
+            "keys": [keys[m] for m in active],
+            "fingerprints": [run_fingerprint(cfg, runs[m]) for m in active],
+            "step": step, "wall_s": time.perf_counter() - t0, "train_s": train_time,
+            "cpu_s": time.process_time() - cpu0, "history": [history[m] for m in active],
+            "best": [best[m] for m in active], "final": [final[m] for m in active]})
+
     def postfix() -> str:
         accs = "/".join(f"{final[m]:.2f}" for m in active) if history[active[0]] else "-"
         return f"test acc {accs}, {tokens_per_step * step / max(train_time, 1e-9):,.0f} tok/s"
@@ -648,6 +679,7 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
     orders, order, order_epoch = None, None, -1
     step_time = eval_time = startup = None  # startup: entry to the first synced steps (setup, compilation)
     seg_start, seg_steps = time.perf_counter(), 0
+    saved_at = seg_start
     try:
         while step < total_steps and active:
             epoch, i = divmod(step, steps_per_epoch)
@@ -663,10 +695,11 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
                 if orders is None:
                     orders = epoch_orders(cfg.data.train_seed, n_train, cfg.data.reshuffle, first_epoch=epoch)
                 order, order_epoch = next(orders), epoch
-            params, opt_state, rest, loss, _ = train_step(params, opt_state, rest, lrs, data,
-                                                          order[i * bs:(i + 1) * bs])
-            step += 1
-            seg_steps += 1
+            with interrupts_deferred():  # the step donates the state: Ctrl-C acts once it has the new one
+                params, opt_state, rest, loss, _ = train_step(params, opt_state, rest, lrs, data,
+                                                              order[i * bs:(i + 1) * bs])
+                step += 1
+                seg_steps += 1
             ends_eval = step % eval_every == 0 or i == steps_per_epoch - 1
             if seg_steps == SYNC_EVERY or ends_eval or step == total_steps:
                 loss_v = np.asarray(loss)  # waits for the queued steps
@@ -694,8 +727,9 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
                 name = f"lr {runs[m].lr:.3g}" + (f" s{runs[m].seed}" if show_seed else "")
                 parts.append(f"{name}: {final[m]:.3f}" + (
                     f" (test loss {losses[j]:.3f}, batch loss {loss_v[j]:.3f})" if verbose else ""))
-            _say(f"{runs[0].group_key} epoch {step / steps_per_epoch:.2f} (step {step}) test acc  " + ", ".join(parts),
-                 pbar)
+            rate = "" if pbar is not None else f"; {tokens_per_step * step / max(train_time, 1e-9):,.0f} tok/s"
+            _say(f"{runs[0].group_key} epoch {step / steps_per_epoch:.2f} (step {step}) test acc  " + ", ".join(parts)
+                 + rate, pbar)
             if pbar is not None:
                 pbar.set_postfix_str(postfix())
             done = [m for m in active if final[m] > tc.early_stop_acc]
@@ -710,6 +744,9 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
                         slot[m] = j
                 elif active:  # stay in, frozen: a zero learning rate leaves the parameters as they are
                     lrs = lrs.at[np.asarray([slot[m] for m in done])].set(0.0)
+            if checkpoint is not None and active and time.perf_counter() - saved_at >= tc.checkpoint_every_s:
+                save()  # a killed process (out of memory, a lost machine) resumes from here
+                saved_at = time.perf_counter()
             seg_start = time.perf_counter()
     except KeyboardInterrupt:
         stop = "interrupted"
@@ -717,17 +754,8 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
         pbar.close()
     if active and stop in RESUMABLE_STOPS and checkpoint is not None:
         try:
-            jax.block_until_ready((params, opt_state, rest))
-            state = (params, opt_state, rest)
-            if len(active) < len(runs) and not drop_stopped:  # frozen members are not saved
-                state = _take_members(state, [slot[m] for m in active])
-            save_checkpoint(checkpoint, state, {
-                "keys": [keys[m] for m in active],
-                "fingerprints": [run_fingerprint(cfg, runs[m]) for m in active],
-                "step": step, "wall_s": time.perf_counter() - t0, "train_s": train_time,
-                "cpu_s": time.process_time() - cpu0, "history": [history[m] for m in active],
-                "best": [best[m] for m in active], "final": [final[m] for m in active]})
-        except RuntimeError as e:  # e.g. Ctrl-C landed between a step's donation and its result
+            save()
+        except RuntimeError as e:  # e.g. a deleted (donated) buffer after an error in the step
             _say(f"{runs[0].group_key}: no checkpoint ({e}); a rerun restarts these runs")
     elif checkpoint is not None and checkpoint.is_file():
         checkpoint.unlink()
@@ -809,10 +837,56 @@ def is_finished(record: dict | None) -> bool:
     return record is not None and record.get("stop") in FINAL_STOPS
 
 
+def worker_shares(workers: int, n_groups: int) -> list[list[int]]:
+    """The CPU share of each worker process for config key ``workers`` (see `lm.mqar.workers`), or [] to
+    train the groups one after another in this process: on a non-CPU backend, with one group, one worker or
+    one CPU."""
+    if workers < 2 or n_groups < 2:
+        return []
+    import jax
+
+    if jax.default_backend() != "cpu":
+        _say(f"mqar: workers {workers} ignored on the {jax.default_backend()} backend (one group at a time)")
+        return []
+    from lm.mqar.workers import cpu_shares
+
+    shares = cpu_shares(min(workers, n_groups))
+    if len(shares) < min(workers, n_groups):
+        _say(f"mqar: workers {workers} reduced to {len(shares)}, the CPUs this process may use")
+    return shares if len(shares) > 1 else []
+
+
+def train_groups(cfg: MQARConfig, groups: Iterable[list[Run]], out_dir: pathlib.Path, *,
+                 deadline: float | None = None, progress: bool = True, verbose: bool = False, on_record=None) -> None:
+    """Train ``groups`` (lists of runs, see `group_runs`) one after another in this process with
+    `train_group`, generating each (L, P)'s data once. Stops before a group when less than the slowest
+    start-up so far is left before ``deadline`` (a ``time.perf_counter()`` value), and after a group cut by
+    it."""
+    cache: dict = {}
+    startup_s = 0.0  # the slowest group start-up so far (data generation excluded)
+    for group in groups:
+        pkey = (group[0].point.seq_len, group[0].point.num_kv_pairs)
+        if deadline is not None and time.perf_counter() + startup_s + SAVE_RESERVE_S > deadline:
+            _say(f"mqar: time budget reached before {group[0].group_key}")
+            return
+        if pkey not in cache:
+            cache.clear()
+            t = time.perf_counter()
+            cache[pkey] = (make_split(cfg, group[0].point, True), make_split(cfg, group[0].point, False))
+            _say(f"mqar: generated L={pkey[0]} P={pkey[1]} data in {time.perf_counter() - t:.1f}s")
+        recs = train_group(cfg, group, *cache[pkey], checkpoint=checkpoint_path(out_dir, group),
+                           deadline=deadline, progress=progress, verbose=verbose, on_record=on_record)
+        startup_s = max([startup_s] + [r["startup_s"] for r in recs])
+        if any(r["stop"] == "time_budget" for r in recs):
+            _say(f"mqar: time budget reached in {group[0].group_key}")
+            return
+
+
 def sweep(cfg: MQARConfig, out_dir: str | pathlib.Path, *, progress: bool = True, verbose: bool = False,
           report: bool = True, time_budget: float | None = None) -> list[dict]:
     """Train every run of the grid that ``out_dir/results.jsonl`` does not hold as finished, one group of
-    runs (`group_runs`) at a time; write the report; return the latest record of every run that has one.
+    runs (`group_runs`) at a time (or config ``workers`` groups at once in CPU worker processes, see
+    `lm.mqar.workers`); write the report; return the latest record of every run that has one.
 
     A run cut by ``time_budget`` (seconds from now) or Ctrl-C gets a ``time_budget``/``interrupted`` record
     and its group's state is kept in ``out_dir/checkpoints/``, so the next call resumes it; Ctrl-C
@@ -841,25 +915,16 @@ def sweep(cfg: MQARConfig, out_dir: str | pathlib.Path, *, progress: bool = True
         _say(f"{rec['key']}: acc {rec['acc']:.3f} ({rec['stop']}, {rec['epochs']:.2f} epochs, "
              f"{rec['wall_s']:.0f}s for its group of {rec['group_size']}, {rec['tokens_per_s']:,} tok/s)")
 
-    cache: dict = {}
-    startup_s = 0.0  # the slowest group start-up so far (data generation excluded)
+    groups = group_runs(todo)
+    shares = worker_shares(cfg.workers, len(groups))
     try:
-        for group in group_runs(todo):
-            pkey = (group[0].point.seq_len, group[0].point.num_kv_pairs)
-            if deadline is not None and time.perf_counter() + startup_s + SAVE_RESERVE_S > deadline:
-                _say(f"mqar: time budget {time_budget:g}s reached before {group[0].group_key}")
-                break
-            if pkey not in cache:
-                cache.clear()
-                t = time.perf_counter()
-                cache[pkey] = (make_split(cfg, group[0].point, True), make_split(cfg, group[0].point, False))
-                _say(f"mqar: generated L={pkey[0]} P={pkey[1]} data in {time.perf_counter() - t:.1f}s")
-            recs = train_group(cfg, group, *cache[pkey], checkpoint=checkpoint_path(out_dir, group),
-                               deadline=deadline, progress=progress, verbose=verbose, on_record=record)
-            startup_s = max([startup_s] + [r["startup_s"] for r in recs])
-            if any(r["stop"] == "time_budget" for r in recs):
-                _say(f"mqar: time budget {time_budget:g}s reached in {group[0].group_key}")
-                break
+        if len(shares) > 1:
+            from lm.mqar.workers import train_in_workers
+
+            train_in_workers(cfg, groups, out_dir, shares=shares, deadline=deadline, verbose=verbose, on_record=record)
+        else:
+            train_groups(cfg, groups, out_dir, deadline=deadline, progress=progress, verbose=verbose,
+                         on_record=record)
     finally:
         records = [latest[r.key] for r in runs if r.key in latest]
         if report:
