@@ -329,6 +329,39 @@ def test_interrupt_inside_a_step_checkpoints_the_matching_data_position(corpus, 
     assert meta["step"] == 3 and meta["data"]["step"] == 3 and meta["data"]["epoch"] == 0
 
 
+def test_sigterm_while_a_step_runs_checkpoints_that_step(corpus, tmp_path):
+    """SIGTERM arriving while step 4 runs (the step donates the state it is given) acts once the step has
+    returned: the checkpoint holds step 4 and 4 batches read."""
+    import os
+    import signal
+
+    from lm.checkpoint import Checkpointer
+    from lm.signals import sigterm_as_interrupt
+
+    cfg = tiny(corpus, **{"trainer.steps": 8, "trainer.checkpoint_every": 0, "trainer.eval_every": 0,
+                          "data.val_fraction": 0.0})
+    trainer = Trainer(load_train_config(base=cfg), tmp_path / "run")
+    real_step, calls = trainer._train_step, []
+
+    def signalled_step(state, batch):
+        calls.append(1)
+        out = real_step(state, batch)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    trainer._train_step = signalled_step
+    try:
+        with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+            trainer.fit()
+    finally:
+        trainer.close()
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
+    meta = ckpt.read_meta()
+    ckpt.close()
+    assert len(calls) == 4 and meta["step"] == 4 and meta["data"]["step"] == 4
+
+
 def test_trainer_eval_covers_whole_split_like_longconv_eval(trained_run, tmp_path):
     """eval_steps=0 scores every validation position (padded last batch and block too), as `longconv eval`."""
     import shutil
