@@ -161,11 +161,12 @@ def uninterrupted(tmp_path_factory):
 class _StepCounter:
     """Wraps `runner._build_steps` so that every training step is counted, and Ctrl-C can be simulated
     right before step ``interrupt_at`` (1-based, counted over all calls), a SIGTERM sent inside step
-    ``sigterm_in``, or the process killed right before step ``crash_at``."""
+    ``sigterm_in``, or the process killed right before step ``crash_at``. With a fake ``clock`` a step takes
+    one second, and the first step and the first evaluation ``compile_s`` more."""
 
-    def __init__(self, monkeypatch, interrupt_at=None, clock=None, sigterm_in=None, crash_at=None):
+    def __init__(self, monkeypatch, interrupt_at=None, clock=None, sigterm_in=None, crash_at=None, compile_s=0.0):
         self.calls, self.interrupt_at, self.clock, self.sigterm_in = 0, interrupt_at, clock, sigterm_in
-        self.crash_at = crash_at
+        self.crash_at, self.compile_s, self.evaluated = crash_at, compile_s, False
         build = runner._build_steps
 
         def counting_build(*args):
@@ -180,13 +181,19 @@ class _StepCounter:
                     raise SystemExit("killed")  # no record, no checkpoint on the way out: as a killed process
                 self.calls += 1
                 if self.clock is not None:
-                    self.clock.t += 1.0  # a step takes one (fake) second
+                    self.clock.t += 1.0 + (self.compile_s if self.calls == 1 else 0.0)  # one (fake) second a step
                 out = train_step(*a)
                 if self.calls == self.sigterm_in:
                     os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step (which donated its input) runs
                 return out
 
-            return counted_step, eval_step
+            def timed_eval(*a):
+                if self.clock is not None and self.compile_s and not self.evaluated:
+                    self.clock.t += self.compile_s
+                self.evaluated = True
+                return eval_step(*a)
+
+            return counted_step, timed_eval
 
         monkeypatch.setattr(runner, "_build_steps", counting_build)
 
@@ -289,6 +296,20 @@ def test_time_budget_stops_before_it_and_rerun_continues(tmp_path, monkeypatch, 
     assert sorted(resumed) == sorted(uninterrupted)
     for key, rec in resumed.items():
         assert _strip(rec) == _strip(uninterrupted[key])
+
+
+def test_time_budget_does_not_count_compilation_as_step_or_evaluation_time(tmp_path, monkeypatch):
+    """The first step and the first evaluation take 10 s more (they compile): that is start-up, not the
+    step or evaluation time the budget's checks use. With a 60 s budget and 1 s steps the group trains on
+    after the first epoch's evaluation (at 45 s) and stops within the budget."""
+    clock = _FakeClock(per_call=0.0)
+    monkeypatch.setattr(runner, "time", clock)
+    _StepCounter(monkeypatch, clock=clock, compile_s=10.0)
+    cfg = _cfg(tmp_path, max_epochs=2, eval_every_steps=0)  # evaluations at the end of each 25-step epoch
+    recs = runner.sweep(cfg, tmp_path / "out", progress=False, report=False, time_budget=60.0)
+    assert {r["stop"] for r in recs} == {"time_budget"} and clock.t <= 60.0
+    assert recs[0]["steps"] > STEPS_PER_EPOCH, recs[0]["steps"]
+    assert recs[0]["startup_s"] >= 10.0
 
 
 def test_evaluation_lines_and_max_run_seconds(tmp_path, monkeypatch, capsys):

@@ -677,7 +677,8 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
                     "[{elapsed}<up to {remaining}{postfix}]")  # early stop usually ends it sooner
     stop = "max_epochs"
     orders, order, order_epoch = None, None, -1
-    step_time = eval_time = startup = None  # startup: entry to the first synced steps (setup, compilation)
+    step_time = eval_time = startup = None  # startup: entry to the first synced step (setup, compilation)
+    evaluated = False
     seg_start, seg_steps = time.perf_counter(), 0
     saved_at = seg_start
     try:
@@ -701,12 +702,16 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
                 step += 1
                 seg_steps += 1
             ends_eval = step % eval_every == 0 or i == steps_per_epoch - 1
-            if seg_steps == SYNC_EVERY or ends_eval or step == total_steps:
+            # the first step is timed alone (it compiles: start-up), then the second (the step time for the
+            # time budget's checks), then every SYNC_EVERY steps
+            if seg_steps == SYNC_EVERY or ends_eval or step == total_steps or step_time is None:
                 loss_v = np.asarray(loss)  # waits for the queued steps
                 now = time.perf_counter()
-                step_time = (now - seg_start) / seg_steps
-                startup = startup if startup is not None else now - t_entry
-                train_time += now - seg_start
+                if startup is None:
+                    startup = now - t_entry
+                else:
+                    step_time = (now - seg_start) / seg_steps
+                    train_time += now - seg_start
                 if pbar is not None:
                     pbar.update(seg_steps)
                     pbar.set_postfix_str(postfix())
@@ -715,7 +720,8 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
                 continue
             te = time.perf_counter()
             accs, losses = evaluate(eval_step, params, rest, test_batches, n_test)
-            eval_time = time.perf_counter() - te
+            # the call's first evaluation compiles the evaluation step: its time would overstate the next ones
+            eval_time, evaluated = (time.perf_counter() - te if evaluated else None), True
             parts = []
             for m in active:
                 j = slot[m]
