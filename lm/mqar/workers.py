@@ -3,10 +3,10 @@
 XLA's CPU backend spreads an MQAR step's many small ops over its threads poorly: the quick sweep's Hyena
 step takes 29 ms on 2 cores and 36 ms on one, so two groups trained at once, each in its own process
 pinned to one core, finish sooner than the same two trained one after another on both cores. Each worker
-process pins itself to its share of this process's CPUs (Linux; elsewhere the workers run unpinned), takes
-the next group from a shared queue and trains it with `lm.mqar.runner.train_groups`, without progress
-bars (its per-evaluation lines still print). Records come back to this process, which alone writes
-``results.jsonl``; each carries ``cpus``, the CPUs its group trained on.
+process pins itself to its share of this process's CPUs (Linux; elsewhere the workers run unpinned), asks
+this process for the next group over its own pipe and trains it with `lm.mqar.runner.train_groups`, without
+progress bars (its per-evaluation lines still print, with the tokens/s). Records come back over the pipe;
+this process alone writes ``results.jsonl``. Each record carries ``cpus``, the CPUs its group trained on.
 
 Stopping works as in one process: ``--time-budget`` is shared (every worker stops before the same
 deadline), and Ctrl-C or SIGTERM here sends each worker one SIGTERM, on which it checkpoints and records its
