@@ -218,16 +218,19 @@ def test_ctrl_c_records_interrupted_runs_and_rerun_resumes_exactly(tmp_path, mon
     assert not runner.checkpoint_path(out, runner.expand_grid(cfg)).exists()
 
 
-def test_a_stop_signal_during_a_step_acts_after_it(tmp_path, monkeypatch, uninterrupted):
+@pytest.mark.parametrize("signal_step, last_evaluated", [(33, 25), (40, 40)])
+def test_a_stop_signal_during_a_step_acts_after_it(tmp_path, monkeypatch, uninterrupted, signal_step, last_evaluated):
     """SIGTERM while a step runs (it donates the state it is given) stops the sweep once the step has
-    returned the new state: the checkpoint holds that step, and the rerun ends as if never interrupted."""
+    returned the new state, and once the evaluation the step ends (step 40: evaluations at 20, 25, 40, 50)
+    has run: the checkpoint holds that step, and the rerun ends as if never interrupted."""
     cfg = _cfg(tmp_path, max_epochs=2)
     out = tmp_path / "out"
-    counter = _StepCounter(monkeypatch, sigterm_in=33)
+    counter = _StepCounter(monkeypatch, sigterm_in=signal_step)
     with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
         runner.sweep(cfg, out, progress=False, report=False)
     recs = runner.read_results(out / "results.jsonl")
-    assert {r["stop"] for r in recs} == {"interrupted"} and {r["steps"] for r in recs} == {33}
+    assert {r["stop"] for r in recs} == {"interrupted"} and {r["steps"] for r in recs} == {signal_step}
+    assert {r["history"][-1]["step"] for r in recs} == {last_evaluated}
     assert runner.checkpoint_path(out, runner.expand_grid(cfg)).is_file()
     runner.sweep(cfg, out, progress=False, report=False)
     assert counter.calls == 2 * STEPS_PER_EPOCH

@@ -696,64 +696,66 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
                 if orders is None:
                     orders = epoch_orders(cfg.data.train_seed, n_train, cfg.data.reshuffle, first_epoch=epoch)
                 order, order_epoch = next(orders), epoch
-            with interrupts_deferred():  # the step donates the state: Ctrl-C acts once it has the new one
+            # the step donates the state, so Ctrl-C acts once it has the new one; an evaluation the step
+            # ends runs first too (the resumed run would not evaluate that step again)
+            with interrupts_deferred():
                 params, opt_state, rest, loss, _ = train_step(params, opt_state, rest, lrs, data,
                                                               order[i * bs:(i + 1) * bs])
                 step += 1
                 seg_steps += 1
-            ends_eval = step % eval_every == 0 or i == steps_per_epoch - 1
-            # the first step is timed alone (it compiles: start-up), then the second (the step time for the
-            # time budget's checks), then every SYNC_EVERY steps
-            if seg_steps == SYNC_EVERY or ends_eval or step == total_steps or step_time is None:
-                loss_v = np.asarray(loss)  # waits for the queued steps
-                now = time.perf_counter()
-                if startup is None:
-                    startup = now - t_entry
-                else:
-                    step_time = (now - seg_start) / seg_steps
-                    train_time += now - seg_start
+                ends_eval = step % eval_every == 0 or i == steps_per_epoch - 1
+                # the first step is timed alone (it compiles: start-up), then the second (the step time for the
+                # time budget's checks), then every SYNC_EVERY steps
+                if seg_steps == SYNC_EVERY or ends_eval or step == total_steps or step_time is None:
+                    loss_v = np.asarray(loss)  # waits for the queued steps
+                    now = time.perf_counter()
+                    if startup is None:
+                        startup = now - t_entry
+                    else:
+                        step_time = (now - seg_start) / seg_steps
+                        train_time += now - seg_start
+                    if pbar is not None:
+                        pbar.update(seg_steps)
+                        pbar.set_postfix_str(postfix())
+                    seg_start, seg_steps = now, 0
+                if not ends_eval:
+                    continue
+                te = time.perf_counter()
+                accs, losses = evaluate(eval_step, params, rest, test_batches, n_test)
+                # the call's first evaluation compiles the evaluation step: its time would overstate the next ones
+                eval_time, evaluated = (time.perf_counter() - te if evaluated else None), True
+                parts = []
+                for m in active:
+                    j = slot[m]
+                    final[m] = float(accs[j])
+                    best[m] = max(best[m], final[m])
+                    history[m].append({"step": step, "epoch": round(step / steps_per_epoch, 3),
+                                       "train_loss": round(float(loss_v[j]), 4), "test_acc": round(final[m], 4),
+                                       "test_loss": round(float(losses[j]), 4)})
+                    name = f"lr {runs[m].lr:.3g}" + (f" s{runs[m].seed}" if show_seed else "")
+                    parts.append(f"{name}: {final[m]:.3f}" + (
+                        f" (test loss {losses[j]:.3f}, batch loss {loss_v[j]:.3f})" if verbose else ""))
+                rate = "" if pbar is not None else f"; {tokens_per_step * step / max(train_time, 1e-9):,.0f} tok/s"
+                _say(f"{runs[0].group_key} epoch {step / steps_per_epoch:.2f} (step {step}) test acc  "
+                     + ", ".join(parts) + rate, pbar)
                 if pbar is not None:
-                    pbar.update(seg_steps)
                     pbar.set_postfix_str(postfix())
-                seg_start, seg_steps = now, 0
-            if not ends_eval:
-                continue
-            te = time.perf_counter()
-            accs, losses = evaluate(eval_step, params, rest, test_batches, n_test)
-            # the call's first evaluation compiles the evaluation step: its time would overstate the next ones
-            eval_time, evaluated = (time.perf_counter() - te if evaluated else None), True
-            parts = []
-            for m in active:
-                j = slot[m]
-                final[m] = float(accs[j])
-                best[m] = max(best[m], final[m])
-                history[m].append({"step": step, "epoch": round(step / steps_per_epoch, 3),
-                                   "train_loss": round(float(loss_v[j]), 4), "test_acc": round(final[m], 4),
-                                   "test_loss": round(float(losses[j]), 4)})
-                name = f"lr {runs[m].lr:.3g}" + (f" s{runs[m].seed}" if show_seed else "")
-                parts.append(f"{name}: {final[m]:.3f}" + (
-                    f" (test loss {losses[j]:.3f}, batch loss {loss_v[j]:.3f})" if verbose else ""))
-            rate = "" if pbar is not None else f"; {tokens_per_step * step / max(train_time, 1e-9):,.0f} tok/s"
-            _say(f"{runs[0].group_key} epoch {step / steps_per_epoch:.2f} (step {step}) test acc  " + ", ".join(parts)
-                 + rate, pbar)
-            if pbar is not None:
-                pbar.set_postfix_str(postfix())
-            done = [m for m in active if final[m] > tc.early_stop_acc]
-            if done:
-                finish(done, "early_stop")
-                active = [m for m in active if m not in done]
-                if active and drop_stopped:  # leave the stacked step (recompiles once per size)
-                    keep = [slot[m] for m in active]
-                    params, opt_state, rest = _take_members((params, opt_state, rest), keep)
-                    lrs = lrs[np.asarray(keep)]
-                    for j, m in enumerate(active):
-                        slot[m] = j
-                elif active:  # stay in, frozen: a zero learning rate leaves the parameters as they are
-                    lrs = lrs.at[np.asarray([slot[m] for m in done])].set(0.0)
-            if checkpoint is not None and active and time.perf_counter() - saved_at >= tc.checkpoint_every_s:
-                save()  # a killed process (out of memory, a lost machine) resumes from here
-                saved_at = time.perf_counter()
-            seg_start = time.perf_counter()
+                done = [m for m in active if final[m] > tc.early_stop_acc]
+                if done:
+                    finish(done, "early_stop")
+                    active = [m for m in active if m not in done]
+                    if active and drop_stopped:  # leave the stacked step (recompiles once per size)
+                        keep = [slot[m] for m in active]
+                        params, opt_state, rest = _take_members((params, opt_state, rest), keep)
+                        lrs = lrs[np.asarray(keep)]
+                        for j, m in enumerate(active):
+                            slot[m] = j
+                    elif active:  # stay in, frozen: a zero learning rate leaves the parameters as they are
+                        lrs = lrs.at[np.asarray([slot[m] for m in done])].set(0.0)
+                if checkpoint is not None and active and time.perf_counter() - saved_at >= tc.checkpoint_every_s:
+                    save()  # a killed process (out of memory, a lost machine) resumes from here
+                    saved_at = time.perf_counter()
+                seg_start = time.perf_counter()
     except KeyboardInterrupt:
         stop = "interrupted"
     if pbar is not None:
