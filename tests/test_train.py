@@ -302,30 +302,40 @@ def test_initialize_from_loads_weights_only(corpus, trained_run, tmp_path):
         trainer.close()
 
 
-def test_interrupt_inside_a_step_checkpoints_the_matching_data_position(corpus, tmp_path):
-    """Ctrl-C while step 4 runs (its batch already drawn): the step-3 checkpoint records 3 batches read."""
+def _interrupted_fit_meta(corpus, tmp_path, wrap_step) -> dict:
+    """Train an 8-step run whose step is ``wrap_step(real_step)``, expect KeyboardInterrupt, and return the
+    meta of the checkpoint it left (SIGTERM maps to KeyboardInterrupt meanwhile, as in `longconv`)."""
     from lm.checkpoint import Checkpointer
+    from lm.signals import sigterm_as_interrupt
 
     cfg = tiny(corpus, **{"trainer.steps": 8, "trainer.checkpoint_every": 0, "trainer.eval_every": 0,
                           "data.val_fraction": 0.0})
     trainer = Trainer(load_train_config(base=cfg), tmp_path / "run")
-    real_step, calls = trainer._train_step, []
-
-    def interrupted_step(state, batch):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_step(state, batch)
-
-    trainer._train_step = interrupted_step
+    trainer._train_step = wrap_step(trainer._train_step)
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
             trainer.fit()
     finally:
         trainer.close()
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
     meta = ckpt.read_meta()
     ckpt.close()
+    return meta
+
+
+def test_interrupt_inside_a_step_checkpoints_the_matching_data_position(corpus, tmp_path):
+    """Ctrl-C while step 4 runs (its batch already drawn): the step-3 checkpoint records 3 batches read."""
+    calls = []
+
+    def wrap(real_step):
+        def interrupted_step(state, batch):
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+            return real_step(state, batch)
+        return interrupted_step
+
+    meta = _interrupted_fit_meta(corpus, tmp_path, wrap)
     assert meta["step"] == 3 and meta["data"]["step"] == 3 and meta["data"]["epoch"] == 0
 
 
@@ -335,30 +345,18 @@ def test_sigterm_while_a_step_runs_checkpoints_that_step(corpus, tmp_path):
     import os
     import signal
 
-    from lm.checkpoint import Checkpointer
-    from lm.signals import sigterm_as_interrupt
+    calls = []
 
-    cfg = tiny(corpus, **{"trainer.steps": 8, "trainer.checkpoint_every": 0, "trainer.eval_every": 0,
-                          "data.val_fraction": 0.0})
-    trainer = Trainer(load_train_config(base=cfg), tmp_path / "run")
-    real_step, calls = trainer._train_step, []
+    def wrap(real_step):
+        def signalled_step(state, batch):
+            calls.append(1)
+            out = real_step(state, batch)
+            if len(calls) == 4:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return out
+        return signalled_step
 
-    def signalled_step(state, batch):
-        calls.append(1)
-        out = real_step(state, batch)
-        if len(calls) == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    trainer._train_step = signalled_step
-    try:
-        with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
-            trainer.fit()
-    finally:
-        trainer.close()
-    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
-    meta = ckpt.read_meta()
-    ckpt.close()
+    meta = _interrupted_fit_meta(corpus, tmp_path, wrap)
     assert len(calls) == 4 and meta["step"] == 4 and meta["data"]["step"] == 4
 
 
