@@ -22,8 +22,8 @@ On glibc, `keep_freed_memory` stops XLA's CPU buffers from being unmapped and pa
 every step.
 
 Parallel groups: on a CPU host, config key ``workers: N`` trains N groups at once, each in a worker process
-pinned to its own share of the cores (`lm.mqar.workers`); the small ops of these steps use one core better
-than two.
+pinned to its own share of the cores (`lm.mqar.workers`): small steps (the quick sweep's) use one core better
+than two; large ones (the paper's batch 512) do not, and train faster one group at a time.
 
 Stopping: ``train.max_run_seconds`` caps a group's wall time (checked every step; stop ``time_limit``,
 final). ``--time-budget SECONDS`` stops the whole command before SECONDS (stop ``time_budget``) and

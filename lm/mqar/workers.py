@@ -2,7 +2,8 @@
 
 XLA's CPU backend spreads an MQAR step's many small ops over its threads poorly: the quick sweep's Hyena
 step takes 29 ms on 2 cores and 36 ms on one, so two groups trained at once, each in its own process
-pinned to one core, finish sooner than the same two trained one after another on both cores. Each worker
+pinned to one core, finish sooner than the same two trained one after another on both cores. (Not so for
+large steps: the paper cell's batch-512 Hyena step takes 2.4 s on two cores and 3.5 CPU-s on one.) Each worker
 process pins itself to its share of this process's CPUs (Linux; elsewhere the workers run unpinned), asks
 this process for the next group over its own pipe and trains it with `lm.mqar.runner.train_groups`, without
 progress bars (its per-evaluation lines still print, with the tokens/s). Records come back over the pipe;
