@@ -5,13 +5,22 @@
 - `interrupts_deferred()`: Ctrl-C and SIGTERM that arrive inside the scope act at its end, e.g. around a
   training step that donates its state (cut in the middle, the state is neither the old nor the new one)
   or a message on a pipe.
+- `interrupts_kept()`: around a training loop. A KeyboardInterrupt that Python has to drop, because the
+  signal's handler ran inside a garbage-collector callback or a finalizer (JAX registers one: "Exception
+  ignored in: _xla_gc_callback"), is kept and raised again when the next `interrupts_deferred` scope
+  starts (the next step), instead of being lost with the run going on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
+
+
+_kept: list[str] = []  # messages of the dropped KeyboardInterrupts not yet raised again
+_kept_depth = 0
 
 
 def _main_thread() -> bool:
@@ -46,6 +55,10 @@ def interrupts_deferred():
     if not _main_thread():
         yield
         return
+    if _kept:
+        message = _kept.pop(0)
+        _kept.clear()
+        raise KeyboardInterrupt(f"{message} (it arrived during garbage collection; acting on it now)".lstrip())
     pending: list[tuple[int, object]] = []
     previous = {}
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -60,3 +73,31 @@ def interrupts_deferred():
             signal.signal(signum, handler)
         for signum, frame in pending:
             previous[signum](signum, frame)
+
+
+@contextlib.contextmanager
+def interrupts_kept():
+    """Within this scope a KeyboardInterrupt reported to `sys.unraisablehook` (raised where Python cannot
+    propagate it: a gc callback, a finalizer) is kept, and the next `interrupts_deferred()` raises it on
+    entry. Other unraisable exceptions go to the previous hook. Nests; no-op off the main thread."""
+    global _kept_depth
+    if not _main_thread():
+        yield
+        return
+    previous = sys.unraisablehook
+
+    def keep(unraisable):
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            _kept.append(str(unraisable.exc_value or ""))
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = keep
+    _kept_depth += 1
+    try:
+        yield
+    finally:
+        _kept_depth -= 1
+        sys.unraisablehook = previous
+        if not _kept_depth:
+            _kept.clear()  # the loop has ended: nothing left to stop

@@ -43,7 +43,7 @@ from lm.optim import lr_schedule, make_optimizer, model_label_map
 from lm.run_config import TrainConfig, TrainerConfig, load_train_config  # noqa: F401 (public names of lm.train)
 from lm.sharding import (batch_divisor, batch_sharding, describe, make_mesh, replicated, state_shardings,
                          sync_processes)
-from lm.signals import interrupts_deferred
+from lm.signals import interrupts_deferred, interrupts_kept
 from lm.tracking import Tracker
 
 
@@ -564,7 +564,7 @@ class Trainer:
         first_step = self.step + 1
         t_start = time.perf_counter()
         try:
-            with jax.set_mesh(self.mesh):
+            with jax.set_mesh(self.mesh), interrupts_kept():  # kept: a Ctrl-C dropped by a gc callback
                 while self.step < end:
                     batch = self.data.next_batch()
                     # The step donates the state: an interrupt acts once the new state, step and data

@@ -217,6 +217,21 @@ MUTATIONS = [
     Mutation("mqar-worker-error-swallowed", "lm/mqar/workers.py",
              "    if errors or failed:", "    if False:",
              ("tests/test_mqar_workers.py", "-k", "failing")),
+    Mutation("dropped-interrupt-not-kept", "lm/signals.py",
+             '            _kept.append(str(unraisable.exc_value or ""))', "            previous(unraisable)",
+             ("tests/test_signals.py", "-k", "next_deferred")),
+    Mutation("kept-interrupt-not-raised", "lm/signals.py",
+             "    if _kept:\n        message = _kept.pop(0)", "    if False:\n        message = _kept.pop(0)",
+             ("tests/test_signals.py", "-k", "next_deferred")),
+    Mutation("kept-hook-swallows-other-errors", "lm/signals.py",
+             "        else:\n            previous(unraisable)", "        else:\n            pass",
+             ("tests/test_signals.py", "-k", "other")),
+    Mutation("mqar-loop-drops-gc-interrupts", "lm/mqar/runner.py",
+             "    with interrupts_kept():  # a Ctrl-C", "    if True:  # a Ctrl-C",
+             ("tests/test_mqar_vmap.py", "-k", "stop_signal and dropped and 33")),
+    Mutation("train-loop-drops-gc-interrupts", "lm/train.py",
+             "with jax.set_mesh(self.mesh), interrupts_kept():", "with jax.set_mesh(self.mesh):",
+             ("tests/test_train.py", "-k", "dropped_by_a_gc")),
 ]
 
 

@@ -12,6 +12,7 @@ from flax import nnx
 
 from lm.mqar import runner
 from lm.signals import sigterm_as_interrupt
+from tests.test_signals import drop_interrupt_in_gc
 
 STEPS_PER_EPOCH = 25  # 400 rows / batch 16
 
@@ -161,11 +162,13 @@ def uninterrupted(tmp_path_factory):
 class _StepCounter:
     """Wraps `runner._build_steps` so that every training step is counted, and Ctrl-C can be simulated
     right before step ``interrupt_at`` (1-based, counted over all calls), a SIGTERM sent inside step
-    ``sigterm_in``, or the process killed right before step ``crash_at``. With a fake ``clock`` a step takes
+    ``sigterm_in``, a Ctrl-C dropped by a gc callback inside step ``dropped_in``, or the process killed right before step ``crash_at``. With a fake ``clock`` a step takes
     one second, and the first step and the first evaluation ``compile_s`` more."""
 
-    def __init__(self, monkeypatch, interrupt_at=None, clock=None, sigterm_in=None, crash_at=None, compile_s=0.0):
+    def __init__(self, monkeypatch, interrupt_at=None, clock=None, sigterm_in=None, crash_at=None, compile_s=0.0,
+                 dropped_in=None):
         self.calls, self.interrupt_at, self.clock, self.sigterm_in = 0, interrupt_at, clock, sigterm_in
+        self.dropped_in = dropped_in
         self.crash_at, self.compile_s, self.evaluated = crash_at, compile_s, False
         build = runner._build_steps
 
@@ -185,6 +188,8 @@ class _StepCounter:
                 out = train_step(*a)
                 if self.calls == self.sigterm_in:
                     os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step (which donated its input) runs
+                if self.calls == self.dropped_in:
+                    drop_interrupt_in_gc()  # as a Ctrl-C landing in JAX's gc callback: Python drops it
                 return out
 
             def timed_eval(*a):
@@ -218,14 +223,17 @@ def test_ctrl_c_records_interrupted_runs_and_rerun_resumes_exactly(tmp_path, mon
     assert not runner.checkpoint_path(out, runner.expand_grid(cfg)).exists()
 
 
+@pytest.mark.parametrize("how", ["sigterm", "dropped_by_gc"])
 @pytest.mark.parametrize("signal_step, last_evaluated", [(33, 25), (40, 40)])
-def test_a_stop_signal_during_a_step_acts_after_it(tmp_path, monkeypatch, uninterrupted, signal_step, last_evaluated):
+def test_a_stop_signal_during_a_step_acts_after_it(tmp_path, monkeypatch, uninterrupted, signal_step, last_evaluated,
+                                                   how):
     """SIGTERM while a step runs (it donates the state it is given) stops the sweep once the step has
     returned the new state, and once the evaluation the step ends (step 40: evaluations at 20, 25, 40, 50)
-    has run: the checkpoint holds that step, and the rerun ends as if never interrupted."""
+    has run: the checkpoint holds that step, and the rerun ends as if never interrupted. The same when the
+    interrupt was raised in a gc callback, where Python drops it (`lm.signals.interrupts_kept`)."""
     cfg = _cfg(tmp_path, max_epochs=2)
     out = tmp_path / "out"
-    counter = _StepCounter(monkeypatch, sigterm_in=signal_step)
+    counter = _StepCounter(monkeypatch, **{"sigterm_in" if how == "sigterm" else "dropped_in": signal_step})
     with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
         runner.sweep(cfg, out, progress=False, report=False)
     recs = runner.read_results(out / "results.jsonl")

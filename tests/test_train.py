@@ -360,6 +360,26 @@ def test_sigterm_while_a_step_runs_checkpoints_that_step(corpus, tmp_path):
     assert len(calls) == 4 and meta["step"] == 4 and meta["data"]["step"] == 4
 
 
+def test_ctrl_c_dropped_by_a_gc_callback_stops_at_the_next_step(corpus, tmp_path):
+    """A KeyboardInterrupt raised inside a gc callback (JAX registers one) cannot propagate; the loop keeps
+    it and stops before step 5: the checkpoint holds step 4 and 4 batches read."""
+    from tests.test_signals import drop_interrupt_in_gc
+
+    calls = []
+
+    def wrap(real_step):
+        def step_then_drop(state, batch):
+            calls.append(1)
+            out = real_step(state, batch)
+            if len(calls) == 4:
+                drop_interrupt_in_gc()
+            return out
+        return step_then_drop
+
+    meta = _interrupted_fit_meta(corpus, tmp_path, wrap)
+    assert len(calls) == 4 and meta["step"] == 4 and meta["data"]["step"] == 4
+
+
 def test_trainer_eval_covers_whole_split_like_longconv_eval(trained_run, tmp_path):
     """eval_steps=0 scores every validation position (padded last batch and block too), as `longconv eval`."""
     import shutil

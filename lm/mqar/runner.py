@@ -54,7 +54,7 @@ import numpy as np
 from lm.config import ConfigError, apply_overrides, from_dict, read_yaml, save_config, to_dict
 from lm.host_memory import keep_freed_memory
 from lm.mqar.generator import MQARError, check_params, multiquery_ar, scored_positions
-from lm.signals import interrupts_deferred
+from lm.signals import interrupts_deferred, interrupts_kept
 from lm.tracking import read_jsonl
 
 # ---------------------------------------------------------------------------------------------------
@@ -870,24 +870,25 @@ def train_groups(cfg: MQARConfig, groups: Iterable[list[Run]], out_dir: pathlib.
     `train_group`, generating each (L, P)'s data once. Stops before a group when less than the slowest
     start-up so far is left before ``deadline`` (a ``time.perf_counter()`` value), and after a group cut by
     it."""
-    cache: dict = {}
-    startup_s = 0.0  # the slowest group start-up so far (data generation excluded)
-    for group in groups:
-        pkey = (group[0].point.seq_len, group[0].point.num_kv_pairs)
-        if deadline is not None and time.perf_counter() + startup_s + SAVE_RESERVE_S > deadline:
-            _say(f"mqar: time budget reached before {group[0].group_key}")
-            return
-        if pkey not in cache:
-            cache.clear()
-            t = time.perf_counter()
-            cache[pkey] = (make_split(cfg, group[0].point, True), make_split(cfg, group[0].point, False))
-            _say(f"mqar: generated L={pkey[0]} P={pkey[1]} data in {time.perf_counter() - t:.1f}s")
-        recs = train_group(cfg, group, *cache[pkey], checkpoint=checkpoint_path(out_dir, group),
-                           deadline=deadline, progress=progress, verbose=verbose, on_record=on_record)
-        startup_s = max([startup_s] + [r["startup_s"] for r in recs])
-        if any(r["stop"] == "time_budget" for r in recs):
-            _say(f"mqar: time budget reached in {group[0].group_key}")
-            return
+    with interrupts_kept():  # a Ctrl-C dropped by a gc callback stops the sweep at the next step
+        cache: dict = {}
+        startup_s = 0.0  # the slowest group start-up so far (data generation excluded)
+        for group in groups:
+            pkey = (group[0].point.seq_len, group[0].point.num_kv_pairs)
+            if deadline is not None and time.perf_counter() + startup_s + SAVE_RESERVE_S > deadline:
+                _say(f"mqar: time budget reached before {group[0].group_key}")
+                return
+            if pkey not in cache:
+                cache.clear()
+                t = time.perf_counter()
+                cache[pkey] = (make_split(cfg, group[0].point, True), make_split(cfg, group[0].point, False))
+                _say(f"mqar: generated L={pkey[0]} P={pkey[1]} data in {time.perf_counter() - t:.1f}s")
+            recs = train_group(cfg, group, *cache[pkey], checkpoint=checkpoint_path(out_dir, group),
+                               deadline=deadline, progress=progress, verbose=verbose, on_record=on_record)
+            startup_s = max([startup_s] + [r["startup_s"] for r in recs])
+            if any(r["stop"] == "time_budget" for r in recs):
+                _say(f"mqar: time budget reached in {group[0].group_key}")
+                return
 
 
 def sweep(cfg: MQARConfig, out_dir: str | pathlib.Path, *, progress: bool = True, verbose: bool = False,
