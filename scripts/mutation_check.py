@@ -196,7 +196,7 @@ MUTATIONS = [
              ("tests/test_mqar.py", "-k", "resume_skips")),
     Mutation("train-step-not-deferred", "lm/train.py",
              "                    with interrupts_deferred():\n", "                    if True:\n",
-             ("tests/test_train.py", "-k", "sigterm_while")),
+             ("tests/test_train.py", "-k", "stop_signal_while and sigterm")),
     Mutation("mqar-compile-counted-as-step-time", "lm/mqar/runner.py",
              "                        startup = now - t_entry\n                    else:\n",
              "                        startup = now - t_entry\n                    if True:\n",
@@ -231,7 +231,7 @@ MUTATIONS = [
              ("tests/test_mqar_vmap.py", "-k", "stop_signal and dropped and 33")),
     Mutation("train-loop-drops-gc-interrupts", "lm/train.py",
              "with jax.set_mesh(self.mesh), interrupts_kept():", "with jax.set_mesh(self.mesh):",
-             ("tests/test_train.py", "-k", "dropped_by_a_gc")),
+             ("tests/test_train.py", "-k", "stop_signal_while and dropped")),
 ]
 
 

@@ -339,12 +339,24 @@ def test_interrupt_inside_a_step_checkpoints_the_matching_data_position(corpus, 
     assert meta["step"] == 3 and meta["data"]["step"] == 3 and meta["data"]["epoch"] == 0
 
 
-def test_sigterm_while_a_step_runs_checkpoints_that_step(corpus, tmp_path):
-    """SIGTERM arriving while step 4 runs (the step donates the state it is given) acts once the step has
-    returned: the checkpoint holds step 4 and 4 batches read."""
+def _sigterm():
     import os
     import signal
 
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _ctrl_c_dropped_by_gc():
+    from tests.test_signals import drop_interrupt_in_gc
+
+    drop_interrupt_in_gc()
+
+
+@pytest.mark.parametrize("stop", [_sigterm, _ctrl_c_dropped_by_gc], ids=["sigterm", "dropped_by_gc"])
+def test_stop_signal_while_a_step_runs_checkpoints_that_step(corpus, tmp_path, stop):
+    """SIGTERM arriving while step 4 runs (the step donates the state it is given) acts once the step has
+    returned: the checkpoint holds step 4 and 4 batches read. The same for a KeyboardInterrupt raised inside
+    a gc callback (JAX registers one), which Python cannot propagate: the loop keeps it for the next step."""
     calls = []
 
     def wrap(real_step):
@@ -352,29 +364,9 @@ def test_sigterm_while_a_step_runs_checkpoints_that_step(corpus, tmp_path):
             calls.append(1)
             out = real_step(state, batch)
             if len(calls) == 4:
-                os.kill(os.getpid(), signal.SIGTERM)
+                stop()
             return out
         return signalled_step
-
-    meta = _interrupted_fit_meta(corpus, tmp_path, wrap)
-    assert len(calls) == 4 and meta["step"] == 4 and meta["data"]["step"] == 4
-
-
-def test_ctrl_c_dropped_by_a_gc_callback_stops_at_the_next_step(corpus, tmp_path):
-    """A KeyboardInterrupt raised inside a gc callback (JAX registers one) cannot propagate; the loop keeps
-    it and stops before step 5: the checkpoint holds step 4 and 4 batches read."""
-    from tests.test_signals import drop_interrupt_in_gc
-
-    calls = []
-
-    def wrap(real_step):
-        def step_then_drop(state, batch):
-            calls.append(1)
-            out = real_step(state, batch)
-            if len(calls) == 4:
-                drop_interrupt_in_gc()
-            return out
-        return step_then_drop
 
     meta = _interrupted_fit_meta(corpus, tmp_path, wrap)
     assert len(calls) == 4 and meta["step"] == 4 and meta["data"]["step"] == 4
