@@ -48,10 +48,12 @@ def sigterm_as_interrupt():
 
 
 @contextlib.contextmanager
-def interrupts_deferred():
+def interrupts_deferred(repeat_acts_now: bool = True):
     """SIGINT and SIGTERM whose handler is a Python function are recorded inside this scope and passed to
-    that handler when the scope ends (so KeyboardInterrupt is raised there, not inside). Ignored and
-    default dispositions are left as they are. No-op off the main thread."""
+    that handler when the scope ends (so KeyboardInterrupt is raised there, not inside); with
+    ``repeat_acts_now`` the same signal a second time goes to the handler at once (the user insists; keep
+    it False where a cut must never happen, e.g. a message on a pipe). A KeyboardInterrupt kept by `interrupts_kept` is raised on
+    entry. Ignored and default dispositions are left as they are. No-op off the main thread."""
     if not _main_thread():
         yield
         return
@@ -61,11 +63,19 @@ def interrupts_deferred():
         raise KeyboardInterrupt(f"{message} (it arrived during garbage collection; acting on it now)".lstrip())
     pending: list[tuple[int, object]] = []
     previous = {}
+
+    def defer(signum, frame):
+        if repeat_acts_now and any(s == signum for s, _ in pending):  # the same signal twice: act now
+            pending.clear()
+            previous[signum](signum, frame)
+        else:
+            pending.append((signum, frame))
+
     for signum in (signal.SIGINT, signal.SIGTERM):
         handler = signal.getsignal(signum)
         if callable(handler):
             previous[signum] = handler
-            signal.signal(signum, lambda s, frame: pending.append((s, frame)))
+            signal.signal(signum, defer)
     try:
         yield
     finally:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lm.signals import interrupts_deferred, interrupts_kept
+from lm.signals import interrupts_deferred, interrupts_kept, sigterm_as_interrupt
 
 
 def drop_interrupt_in_gc(message="signal 15 (SIGTERM)"):
@@ -77,3 +77,23 @@ def test_signal_inside_a_deferred_scope_acts_at_its_end():
             os.kill(os.getpid(), signal.SIGINT)
             steps.append("after the signal")  # the scope's body runs to its end
     assert steps == ["after the signal"]
+
+
+def test_the_same_signal_twice_in_a_deferred_scope_acts_at_once():
+    """A second SIGTERM (or Ctrl-C) while a long step runs is the user insisting: it is not held back."""
+    steps = []
+    with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("first held back")
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("not reached")
+    assert steps == ["first held back"]
+
+    steps.clear()  # where a cut must never happen, both wait for the end of the scope
+    with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        with interrupts_deferred(repeat_acts_now=False):
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            steps.append("message sent whole")
+    assert steps == ["message sent whole"]

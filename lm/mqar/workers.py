@@ -34,7 +34,7 @@ def cpu_shares(workers: int) -> list[list[int]]:
 
 
 def _send(conn, message) -> None:
-    with interrupts_deferred():  # a stop request must not cut a message in two
+    with interrupts_deferred(repeat_acts_now=False):  # a stop request must not cut a message in two
         conn.send(message)
 
 
@@ -105,7 +105,7 @@ def train_in_workers(cfg, groups: list, out_dir: pathlib.Path, *, shares: list[l
     while open_conns:
         try:
             for conn in wait(open_conns):
-                with interrupts_deferred():
+                with interrupts_deferred(repeat_acts_now=False):
                     try:
                         kind, payload = conn.recv()
                     except (EOFError, OSError):  # the worker exited (or died)
