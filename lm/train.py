@@ -601,6 +601,11 @@ class Trainer:
                             if every and s % every == 0:
                                 fn(s, self._flush() or self.last_metrics, self)
         except KeyboardInterrupt:
+            if any(leaf.is_deleted() for leaf in jax.tree.leaves(self._state_leaves) if isinstance(leaf, jax.Array)):
+                # stopped at once inside a step (a repeated signal): the state it was given was donated
+                self.log(f"interrupted inside step {self.step + 1}; its input state is gone (donated), so no "
+                         f"checkpoint: the last one (step {self.ckpt.latest_step()}) stays")
+                raise
             self.log(f"interrupted at step {self.step}; saving a checkpoint")
             self.save()
             self.ckpt.wait()

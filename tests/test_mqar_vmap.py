@@ -162,13 +162,13 @@ def uninterrupted(tmp_path_factory):
 class _StepCounter:
     """Wraps `runner._build_steps` so that every training step is counted, and Ctrl-C can be simulated
     right before step ``interrupt_at`` (1-based, counted over all calls), a SIGTERM sent inside step
-    ``sigterm_in``, a Ctrl-C dropped by a gc callback inside step ``dropped_in``, or the process killed right before step ``crash_at``. With a fake ``clock`` a step takes
+    ``sigterm_in`` (``sigterms`` of them), a Ctrl-C dropped by a gc callback inside step ``dropped_in``, or the process killed right before step ``crash_at``. With a fake ``clock`` a step takes
     one second, and the first step and the first evaluation ``compile_s`` more."""
 
     def __init__(self, monkeypatch, interrupt_at=None, clock=None, sigterm_in=None, crash_at=None, compile_s=0.0,
-                 dropped_in=None):
+                 dropped_in=None, sigterms=1):
         self.calls, self.interrupt_at, self.clock, self.sigterm_in = 0, interrupt_at, clock, sigterm_in
-        self.dropped_in = dropped_in
+        self.dropped_in, self.sigterms = dropped_in, sigterms
         self.crash_at, self.compile_s, self.evaluated = crash_at, compile_s, False
         build = runner._build_steps
 
@@ -187,7 +187,8 @@ class _StepCounter:
                     self.clock.t += 1.0 + (self.compile_s if self.calls == 1 else 0.0)  # one (fake) second a step
                 out = train_step(*a)
                 if self.calls == self.sigterm_in:
-                    os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step (which donated its input) runs
+                    for _ in range(self.sigterms):
+                        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the step (which donated its input) runs
                 if self.calls == self.dropped_in:
                     drop_interrupt_in_gc()  # as a Ctrl-C landing in JAX's gc callback: Python drops it
                 return out
@@ -242,6 +243,24 @@ def test_a_stop_signal_during_a_step_acts_after_it(tmp_path, monkeypatch, uninte
     assert runner.checkpoint_path(out, runner.expand_grid(cfg)).is_file()
     runner.sweep(cfg, out, progress=False, report=False)
     assert counter.calls == 2 * STEPS_PER_EPOCH
+    resumed = _final(out / "results.jsonl")
+    assert {k: _strip(r) for k, r in resumed.items()} == {k: _strip(r) for k, r in uninterrupted.items()}
+
+
+def test_sigterm_twice_in_a_step_stops_at_once_and_resumes_from_the_last_checkpoint(tmp_path, monkeypatch,
+                                                                                    uninterrupted):
+    """The second SIGTERM while step 33 runs acts at once: that step's input state is gone (donated), so
+    the checkpoint of the evaluation at step 25 stays, and the rerun trains 26-33 again and ends as if
+    never interrupted."""
+    cfg = _cfg(tmp_path, max_epochs=2, checkpoint_every_s=1e-6)
+    out = tmp_path / "out"
+    counter = _StepCounter(monkeypatch, sigterm_in=33, sigterms=2)
+    with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+        runner.sweep(cfg, out, progress=False, report=False)
+    recs = runner.read_results(out / "results.jsonl")
+    assert {r["stop"] for r in recs} == {"interrupted"} and {r["history"][-1]["step"] for r in recs} == {25}
+    runner.sweep(cfg, out, progress=False, report=False)
+    assert counter.calls == 33 + (2 * STEPS_PER_EPOCH - 25)
     resumed = _final(out / "results.jsonl")
     assert {k: _strip(r) for k, r in resumed.items()} == {k: _strip(r) for k, r in uninterrupted.items()}
 

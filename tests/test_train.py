@@ -441,3 +441,37 @@ def test_unknown_config_key_is_named(corpus):
 def test_shipped_configs_load():
     for path in sorted((REPO / "configs" / "lm").glob("*.yaml")):
         load_train_config(path)
+
+
+def test_sigterm_twice_inside_a_step_stops_at_once_and_keeps_the_last_checkpoint(corpus, tmp_path):
+    """The second SIGTERM while step 4 runs acts at once (the user insists): the state that step was
+    given is gone (donated), so the run stops with KeyboardInterrupt and keeps its last checkpoint (step 2)
+    instead of failing on a deleted buffer."""
+    import os
+    import signal
+
+    from lm.checkpoint import Checkpointer
+    from lm.signals import sigterm_as_interrupt
+
+    cfg = tiny(corpus, **{"trainer.steps": 8, "trainer.checkpoint_every": 2, "trainer.eval_every": 0,
+                          "data.val_fraction": 0.0})
+    trainer = Trainer(load_train_config(base=cfg), tmp_path / "run")
+    real_step, calls = trainer._train_step, []
+
+    def insisted_step(state, batch):
+        calls.append(1)
+        out = real_step(state, batch)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    trainer._train_step = insisted_step
+    try:
+        with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
+            trainer.fit()
+    finally:
+        trainer.close()
+    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
+    assert ckpt.latest_step() == 2 and ckpt.read_meta()["data"]["step"] == 2
+    ckpt.close()

@@ -763,8 +763,9 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
     if active and stop in RESUMABLE_STOPS and checkpoint is not None:
         try:
             save()
-        except RuntimeError as e:  # e.g. a deleted (donated) buffer after an error in the step
-            _say(f"{runs[0].group_key}: no checkpoint ({e}); a rerun restarts these runs")
+        except RuntimeError as e:  # a deleted (donated) buffer: stopped at once inside a step, or an error there
+            kept = "resumes from the last checkpoint" if checkpoint.is_file() else "restarts these runs"
+            _say(f"{runs[0].group_key}: no checkpoint of this step ({e}); a rerun {kept}")
     elif checkpoint is not None and checkpoint.is_file():
         checkpoint.unlink()
     finish(active, stop)
