@@ -224,8 +224,8 @@ def test_ctrl_c_records_interrupted_runs_and_rerun_resumes_exactly(tmp_path, mon
     assert not runner.checkpoint_path(out, runner.expand_grid(cfg)).exists()
 
 
-@pytest.mark.parametrize("how", ["sigterm", "dropped_by_gc"])
-@pytest.mark.parametrize("signal_step, last_evaluated", [(33, 25), (40, 40)])
+@pytest.mark.parametrize("how, signal_step, last_evaluated",
+                         [("sigterm", 33, 25), ("sigterm", 40, 40), ("dropped_by_gc", 33, 25)])
 def test_a_stop_signal_during_a_step_acts_after_it(tmp_path, monkeypatch, uninterrupted, signal_step, last_evaluated,
                                                    how):
     """SIGTERM while a step runs (it donates the state it is given) stops the sweep once the step has
