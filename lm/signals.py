@@ -50,10 +50,11 @@ def sigterm_as_interrupt():
 @contextlib.contextmanager
 def interrupts_deferred(repeat_acts_now: bool = True):
     """SIGINT and SIGTERM whose handler is a Python function are recorded inside this scope and passed to
-    that handler when the scope ends (so KeyboardInterrupt is raised there, not inside); with
-    ``repeat_acts_now`` the same signal a second time goes to the handler at once (the user insists; keep
-    it False where a cut must never happen, e.g. a message on a pipe). A KeyboardInterrupt kept by `interrupts_kept` is raised on
-    entry. Ignored and default dispositions are left as they are. No-op off the main thread."""
+    that handler when the scope ends (so KeyboardInterrupt is raised there, not inside). With
+    ``repeat_acts_now`` the first one prints that the stop waits for the scope's end, and the same signal
+    a second time goes to the handler at once (the user insists); keep it False where a cut must never
+    happen, e.g. a message on a pipe. A KeyboardInterrupt kept by `interrupts_kept` is raised on entry.
+    Ignored and default dispositions are left as they are. No-op off the main thread."""
     if not _main_thread():
         yield
         return
@@ -69,6 +70,9 @@ def interrupts_deferred(repeat_acts_now: bool = True):
             pending.clear()
             previous[signum](signum, frame)
         else:
+            if repeat_acts_now and not pending:
+                print(f"{signal.Signals(signum).name}: stopping once the current step has ended; send it again to "
+                      "stop at once (losing the steps since the last checkpoint)", file=sys.stderr, flush=True)
             pending.append((signum, frame))
 
     for signum in (signal.SIGINT, signal.SIGTERM):

@@ -79,13 +79,15 @@ def test_signal_inside_a_deferred_scope_acts_at_its_end():
     assert steps == ["after the signal"]
 
 
-def test_the_same_signal_twice_in_a_deferred_scope_acts_at_once():
-    """A second SIGTERM (or Ctrl-C) while a long step runs is the user insisting: it is not held back."""
+def test_the_same_signal_twice_in_a_deferred_scope_acts_at_once(capsys):
+    """A second SIGTERM (or Ctrl-C) while a long step runs is the user insisting: it is not held back.
+    The first one says so."""
     steps = []
     with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
         with interrupts_deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             steps.append("first held back")
+            assert "SIGTERM: stopping once the current step has ended; send it again" in capsys.readouterr().err
             os.kill(os.getpid(), signal.SIGTERM)
             steps.append("not reached")
     assert steps == ["first held back"]
@@ -96,4 +98,4 @@ def test_the_same_signal_twice_in_a_deferred_scope_acts_at_once():
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
             steps.append("message sent whole")
-    assert steps == ["message sent whole"]
+    assert steps == ["message sent whole"] and "stopping once" not in capsys.readouterr().err
