@@ -672,6 +672,10 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, DataError, CheckpointError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: rerun `longconv train --run-dir {run_dir}` to resume from its last checkpoint",
+              file=sys.stderr)
+        return 130
     if jax.process_index() == 0:
         msg = f"done: step {result['step']}"
         if result["train"]:

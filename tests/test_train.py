@@ -475,3 +475,25 @@ def test_sigterm_twice_inside_a_step_stops_at_once_and_keeps_the_last_checkpoint
     ckpt = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
     assert ckpt.latest_step() == 2 and ckpt.read_meta()["data"]["step"] == 2
     ckpt.close()
+
+
+def test_longconv_train_interrupted_exits_130_with_a_resume_hint(corpus, tmp_path, monkeypatch, capsys):
+    """Ctrl-C/SIGTERM (KeyboardInterrupt once the trainer has checkpointed) ends `longconv train` with exit
+    status 130 and the command that resumes, not a traceback."""
+    import yaml
+
+    import lm.train
+    from lm.cli import main as cli_main
+
+    def interrupted(cfg, run_dir, max_steps=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lm.train, "train", interrupted)
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(tiny(corpus)))
+    try:
+        rc = cli_main(["train", "--config", str(cfg_file), "--run-dir", str(tmp_path / "run")])
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped `longconv train`")  # (would also stop pytest itself)
+    assert rc == 130
+    assert f"rerun `longconv train --run-dir {tmp_path / 'run'}` to resume" in capsys.readouterr().err
