@@ -234,7 +234,7 @@ MUTATIONS = [
              ("tests/test_train.py", "tests/test_mqar_vmap.py", "-k", "twice")),
     Mutation("train-saves-a-donated-state", "lm/train.py",
              "            if any(leaf.is_deleted() for leaf", "            if False and any(leaf.is_deleted() for leaf",
-             ("tests/test_train.py", "-k", "twice")),
+             ("tests/test_train.py", "-k", "stop_signal_while and twice")),
     Mutation("train-cli-interrupt-traceback", "lm/train.py",
              "    except KeyboardInterrupt:\n        print(f\"interrupted: rerun", "    except ZeroDivisionError:\n        print(f\"interrupted: rerun",
              ("tests/test_train.py", "-k", "exits_130")),

@@ -302,13 +302,13 @@ def test_initialize_from_loads_weights_only(corpus, trained_run, tmp_path):
         trainer.close()
 
 
-def _interrupted_fit_meta(corpus, tmp_path, wrap_step) -> dict:
+def _interrupted_fit_meta(corpus, tmp_path, wrap_step, checkpoint_every=0) -> dict:
     """Train an 8-step run whose step is ``wrap_step(real_step)``, expect KeyboardInterrupt, and return the
-    meta of the checkpoint it left (SIGTERM maps to KeyboardInterrupt meanwhile, as in `longconv`)."""
+    meta of the newest checkpoint it left (SIGTERM maps to KeyboardInterrupt meanwhile, as in `longconv`)."""
     from lm.checkpoint import Checkpointer
     from lm.signals import sigterm_as_interrupt
 
-    cfg = tiny(corpus, **{"trainer.steps": 8, "trainer.checkpoint_every": 0, "trainer.eval_every": 0,
+    cfg = tiny(corpus, **{"trainer.steps": 8, "trainer.checkpoint_every": checkpoint_every, "trainer.eval_every": 0,
                           "data.val_fraction": 0.0})
     trainer = Trainer(load_train_config(base=cfg), tmp_path / "run")
     trainer._train_step = wrap_step(trainer._train_step)
@@ -352,11 +352,20 @@ def _ctrl_c_dropped_by_gc():
     drop_interrupt_in_gc()
 
 
-@pytest.mark.parametrize("stop", [_sigterm, _ctrl_c_dropped_by_gc], ids=["sigterm", "dropped_by_gc"])
-def test_stop_signal_while_a_step_runs_checkpoints_that_step(corpus, tmp_path, stop):
+def _sigterm_twice():
+    _sigterm()
+    _sigterm()
+
+
+@pytest.mark.parametrize("stop, checkpoint_every, saved_step", [(_sigterm, 0, 4), (_ctrl_c_dropped_by_gc, 0, 4),
+                                                                 (_sigterm_twice, 2, 2)],
+                         ids=["sigterm", "dropped_by_gc", "sigterm_twice"])
+def test_stop_signal_while_a_step_runs_checkpoints_that_step(corpus, tmp_path, stop, checkpoint_every, saved_step):
     """SIGTERM arriving while step 4 runs (the step donates the state it is given) acts once the step has
     returned: the checkpoint holds step 4 and 4 batches read. The same for a KeyboardInterrupt raised inside
-    a gc callback (JAX registers one), which Python cannot propagate: the loop keeps it for the next step."""
+    a gc callback (JAX registers one), which Python cannot propagate: the loop keeps it for the next step.
+    SIGTERM twice acts at once (the user insists): step 4's input state is gone (donated), so the run stops
+    with KeyboardInterrupt, not an error on a deleted buffer, and keeps its last checkpoint (step 2)."""
     calls = []
 
     def wrap(real_step):
@@ -368,8 +377,8 @@ def test_stop_signal_while_a_step_runs_checkpoints_that_step(corpus, tmp_path, s
             return out
         return signalled_step
 
-    meta = _interrupted_fit_meta(corpus, tmp_path, wrap)
-    assert len(calls) == 4 and meta["step"] == 4 and meta["data"]["step"] == 4
+    meta = _interrupted_fit_meta(corpus, tmp_path, wrap, checkpoint_every)
+    assert len(calls) == 4 and meta["step"] == saved_step and meta["data"]["step"] == saved_step
 
 
 def test_trainer_eval_covers_whole_split_like_longconv_eval(trained_run, tmp_path):
@@ -441,40 +450,6 @@ def test_unknown_config_key_is_named(corpus):
 def test_shipped_configs_load():
     for path in sorted((REPO / "configs" / "lm").glob("*.yaml")):
         load_train_config(path)
-
-
-def test_sigterm_twice_inside_a_step_stops_at_once_and_keeps_the_last_checkpoint(corpus, tmp_path):
-    """The second SIGTERM while step 4 runs acts at once (the user insists): the state that step was
-    given is gone (donated), so the run stops with KeyboardInterrupt and keeps its last checkpoint (step 2)
-    instead of failing on a deleted buffer."""
-    import os
-    import signal
-
-    from lm.checkpoint import Checkpointer
-    from lm.signals import sigterm_as_interrupt
-
-    cfg = tiny(corpus, **{"trainer.steps": 8, "trainer.checkpoint_every": 2, "trainer.eval_every": 0,
-                          "data.val_fraction": 0.0})
-    trainer = Trainer(load_train_config(base=cfg), tmp_path / "run")
-    real_step, calls = trainer._train_step, []
-
-    def insisted_step(state, batch):
-        calls.append(1)
-        out = real_step(state, batch)
-        if len(calls) == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return out
-
-    trainer._train_step = insisted_step
-    try:
-        with sigterm_as_interrupt(), pytest.raises(KeyboardInterrupt):
-            trainer.fit()
-    finally:
-        trainer.close()
-    ckpt = Checkpointer(tmp_path / "run" / "checkpoints", read_only=True)
-    assert ckpt.latest_step() == 2 and ckpt.read_meta()["data"]["step"] == 2
-    ckpt.close()
 
 
 def test_longconv_train_interrupted_exits_130_with_a_resume_hint(corpus, tmp_path, monkeypatch, capsys):
