@@ -59,7 +59,7 @@ def interrupts_deferred(repeat_acts_now: bool = True):
         yield
         return
     if _kept:
-        message = _kept.pop(0)
+        message = _kept[0]  # several dropped ones are one stop request
         _kept.clear()
         raise KeyboardInterrupt(f"{message} (it arrived during garbage collection; acting on it now)".lstrip())
     pending: list[tuple[int, object]] = []

@@ -221,7 +221,7 @@ MUTATIONS = [
              '            _kept.append(str(unraisable.exc_value or ""))', "            previous(unraisable)",
              ("tests/test_signals.py", "-k", "next_deferred")),
     Mutation("kept-interrupt-not-raised", "lm/signals.py",
-             "    if _kept:\n        message = _kept.pop(0)", "    if False:\n        message = _kept.pop(0)",
+             "    if _kept:\n        message = _kept[0]", "    if False:\n        message = _kept[0]",
              ("tests/test_signals.py", "-k", "next_deferred")),
     Mutation("kept-hook-swallows-other-errors", "lm/signals.py",
              "        else:\n            previous(unraisable)", "        else:\n            pass",
