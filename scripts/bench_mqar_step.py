@@ -135,7 +135,7 @@ def main() -> int:
 
         def step():
             idx = rng.integers(0, train.inputs.shape[0], bs)
-            *new, loss, _ = train_step(*holder["state"], lrs, data, idx)
+            *new, loss = train_step(*holder["state"], lrs, data, idx)
             holder["state"] = tuple(new)
             return loss
 

@@ -177,8 +177,8 @@ MUTATIONS = [
              "if len(active) < len(runs) and not drop_stopped:", "if False:",
              ("tests/test_mqar_vmap.py", "-m", "slow", "-k", "frozen")),
     Mutation("mqar-step-not-deferred", "lm/mqar/runner.py",
-             "            with interrupts_deferred():\n                params, opt_state, rest, loss, _ = train_step(",
-             "            if True:\n                params, opt_state, rest, loss, _ = train_step(",
+             "            with interrupts_deferred():\n                params, opt_state, rest, loss = train_step(",
+             "            if True:\n                params, opt_state, rest, loss = train_step(",
              ("tests/test_mqar_vmap.py", "-k", "stop_signal")),
     Mutation("mqar-eval-not-deferred", "lm/mqar/runner.py",
              "                seg_steps += 1\n                ends_eval =",
@@ -244,6 +244,12 @@ MUTATIONS = [
     Mutation("train-loop-drops-gc-interrupts", "lm/train.py",
              "with jax.set_mesh(self.mesh), interrupts_kept():", "with jax.set_mesh(self.mesh):",
              ("tests/test_train.py", "-k", "stop_signal_while and dropped")),
+    Mutation("heap-trimmed-above-2gb", "lm/host_memory.py",
+             "(m_trim_threshold, never)", "(m_trim_threshold, 2**31 - 1)",
+             ("tests/test_mqar_vmap.py", "-k", "never_trims")),
+    Mutation("heap-kept-freed-memory-off", "lm/host_memory.py",
+             "return all(mallopt(option, value) == 1 for option, value in settings)", "return True",
+             ("tests/test_mqar_vmap.py", "-k", "keep_freed")),
 ]
 
 

@@ -429,6 +429,37 @@ print(sum(faults[1:]))  # the first allocation faults in either case
     assert faults["default"] >= 4 * 32 and faults["keep"] * 10 < faults["default"], faults
 
 
+def test_keep_freed_memory_never_trims_the_heap():
+    """A freed heap top larger than 2 GB stays mapped: a trim threshold of INT_MAX (mallopt's largest
+    positive value) let glibc hand such tops back, and XLA's step buffers then faulted in again every
+    10-40 steps (results/mqar/README.md). Only address space is taken: malloc does not touch the pages."""
+    import os
+    import pathlib
+    import platform
+    import subprocess
+    import sys
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt tuning is glibc-only")
+    code = """
+import ctypes
+from lm.host_memory import keep_freed_memory
+assert keep_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = libc.sbrk.restype = ctypes.c_void_p
+libc.malloc.argtypes, libc.free.argtypes, libc.sbrk.argtypes = [ctypes.c_size_t], [ctypes.c_void_p], [ctypes.c_ssize_t]
+block = libc.malloc(2500 << 20)  # above 2 GB: a heap block, as there is no mmap
+assert block, "malloc of 2.5 GB failed"
+top = libc.sbrk(0)
+libc.free(block)
+print((top - libc.sbrk(0)) >> 20)  # MB given back to the kernel by the free
+"""
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) == 0, out.stdout
+
+
 @pytest.mark.parametrize("setting, expected", [("auto", "map"), ("map", "map"), ("vmap", "vmap")])
 def test_member_loop_setting_picks_the_step_structure(tmp_path, setting, expected):
     """``train.member_loop`` decides how a step runs its members: ``map`` is a loop (a scan over the stacked

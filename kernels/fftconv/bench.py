@@ -54,22 +54,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="results/fftconv")
 
 
+def cpu_name(cpuinfo: str) -> str:
+    """The host CPU from /proc/cpuinfo's text: model name, x86 family/model and widest vector ISA, e.g.
+    "AMD EPYC (family 26 model 2, AVX-512)" (VMs often hide the generation behind a bare "AMD EPYC",
+    and CPU timings differ by generation). Empty if the text has no model name."""
+    fields: dict[str, str] = {}
+    for line in cpuinfo.splitlines():
+        if not line.strip():
+            break  # the first processor's block is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", "")
+    flags = set(fields.get("flags", "").split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    details = [f"family {fields['cpu family']} model {fields.get('model', '?')}"] if "cpu family" in fields else []
+    details += [isa] if isa else []
+    return f"{name} ({', '.join(details)})" if name and details else name
+
+
 def machine_info() -> dict:
     dev = jax.devices()[0]
-    cpu = platform.processor() or platform.machine()
     try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+        cpu = cpu_name(Path("/proc/cpuinfo").read_text())
     except OSError:
-        pass
+        cpu = ""
     return {
         "backend": jax.default_backend(),
         "device_kind": dev.device_kind,
         "device_count": jax.device_count(),
-        "cpu": cpu,
+        "cpu": cpu or platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "python": platform.python_version(),

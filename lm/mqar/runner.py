@@ -405,9 +405,11 @@ def _build_steps(graphdef_train, graphdef_eval, tx, member_loop: str = "vmap"):
     ``train_step(params, opt_state, rest, lrs, data, idx)`` gathers the batch rows ``idx`` of the device
     arrays ``data = (inputs, positions, targets)`` once and updates every member on it; ``tx`` is built with
     peak learning rate 1, so each member's update is scaled by its own ``lrs[m]`` (the AdamW update,
-    weight decay included, is linear in the learning rate). Returns the new state and per-member
-    (loss, accuracy) of the batch. ``eval_step(params, rest, x, pos, y, w)`` returns per-member sums of the
-    row accuracy and loss weighted by ``w``.
+    weight decay included, is linear in the learning rate). Returns the new state and the per-member loss
+    of the batch (no batch accuracy: its argmax over the vocabulary cost ~10 % of a paper-cell step on CPU,
+    XLA fusing the head's matmul into it, and the sweep reads only test accuracy).
+    ``eval_step(params, rest, x, pos, y, w)`` returns per-member sums of the row accuracy and loss weighted
+    by ``w``.
     """
     import jax
     import jax.numpy as jnp
@@ -420,18 +422,16 @@ def _build_steps(graphdef_train, graphdef_eval, tx, member_loop: str = "vmap"):
         return model.logits(hq)  # (B, P, V) fp32
 
     def loss_fn(model, x, pos, y):
-        logits = forward(model, x, pos)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-        return loss, (jnp.argmax(logits, -1) == y).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(forward(model, x, pos), y).mean()
 
     def member_train_step(params, opt_state, rest, lr, x, pos, y):
         model = nnx.merge(graphdef_train, params, rest)
         # nnx.value_and_grad differentiates the nnx.Param state and carries RNG (dropout) updates
-        (loss, acc), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, x, pos, y)
+        loss, grads = nnx.value_and_grad(loss_fn)(model, x, pos, y)
         _, _, rest = nnx.split(model, nnx.Param, ...)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates))
-        return params, opt_state, rest, loss, acc
+        return params, opt_state, rest, loss
 
     def over_members(fn, stacked: tuple, *shared):
         """``fn(*member_state, *shared)`` for every member of the stacked state, by vmap or lax.map."""
@@ -699,7 +699,7 @@ def train_group(cfg: MQARConfig, runs: list[Run], train: MQARSplit, test: MQARSp
             # the step donates the state, so Ctrl-C acts once it has the new one; an evaluation the step
             # ends runs first too (the resumed run would not evaluate that step again)
             with interrupts_deferred():
-                params, opt_state, rest, loss, _ = train_step(params, opt_state, rest, lrs, data,
+                params, opt_state, rest, loss = train_step(params, opt_state, rest, lrs, data,
                                                               order[i * bs:(i + 1) * bs])
                 step += 1
                 seg_steps += 1
