@@ -250,6 +250,12 @@ MUTATIONS = [
     Mutation("heap-kept-freed-memory-off", "lm/host_memory.py",
              "return all(mallopt(option, value) == 1 for option, value in settings)", "return True",
              ("tests/test_mqar_vmap.py", "-k", "keep_freed")),
+    Mutation("workers-parent-drops-gc-interrupts", "lm/mqar/workers.py",
+             "    with interrupts_kept():  # a Ctrl-C dropped", "    if True:  # a Ctrl-C dropped",
+             ("tests/test_mqar_workers.py", "-k", "dropped_in_a_gc")),
+    Mutation("workers-parent-waits-without-timeout", "lm/mqar/workers.py",
+             "ready = wait(open_conns, timeout=1.0)", "ready = wait(open_conns)",
+             ("tests/test_mqar_workers.py", "-k", "dropped_in_a_gc")),
 ]
 
 

@@ -133,3 +133,35 @@ def test_a_failing_worker_stops_the_sweep_with_its_error(tmp_path):
     text, _ = proc.communicate(timeout=240)
     assert proc.returncode == 2, text
     assert "error: a worker failed: attention: d_model=32 is not divisible by num_heads=3" in text
+
+
+def test_a_ctrl_c_dropped_in_a_gc_callback_still_stops_the_workers(tmp_path, monkeypatch):
+    """A Ctrl-C whose KeyboardInterrupt Python drops (the handler ran in a gc callback) while this process
+    waits for its worker: the workers ignore SIGINT, so without `interrupts_kept` the sweep would go on to
+    the end. It stops within a second instead: KeyboardInterrupt here, and the worker's run, stopped long
+    before its end, is recorded as cut (or not at all, if the stop reached it before training started)."""
+    import multiprocessing.connection
+
+    from lm.mqar import runner, workers
+    from tests.test_signals import drop_interrupt_in_gc
+
+    cfg = runner.load_mqar_config(_config(tmp_path, max_epochs=2000), ["grid.mixers=[attention]"])
+    real_wait, waits_after_first_message = multiprocessing.connection.wait, []
+
+    def wait_dropping_an_interrupt(conns, timeout=None):
+        if waits_after_first_message is not None and waits_after_first_message:
+            waits_after_first_message.append(timeout)
+            if len(waits_after_first_message) == 3:  # the worker has its group
+                drop_interrupt_in_gc("")
+        ready = real_wait(conns, timeout)
+        if ready and not waits_after_first_message:
+            waits_after_first_message.append(timeout)  # its "next": answered once this returns
+        return ready
+
+    monkeypatch.setattr(multiprocessing.connection, "wait", wait_dropping_an_interrupt)
+    records = []
+    with pytest.raises(KeyboardInterrupt):
+        workers.train_in_workers(cfg, runner.group_runs(runner.expand_grid(cfg)), tmp_path / "out",
+                                 shares=[sorted(os.sched_getaffinity(0))[:1]], on_record=records.append)
+    assert len(waits_after_first_message) >= 3, "the interrupt was never dropped"
+    assert all(r["stop"] == "interrupted" and r["steps"] < 8000 for r in records), records

@@ -23,7 +23,7 @@ import time
 import traceback
 
 from lm.mqar import runner
-from lm.signals import interrupts_deferred, sigterm_as_interrupt
+from lm.signals import interrupts_deferred, interrupts_kept, sigterm_as_interrupt
 
 
 def cpu_shares(workers: int) -> list[list[int]]:
@@ -102,32 +102,34 @@ def train_in_workers(cfg, groups: list, out_dir: pathlib.Path, *, shares: list[l
                 p.terminate()  # SIGTERM: the worker checkpoints and records its cut runs
 
     open_conns = list(conns)
-    while open_conns:
-        try:
-            for conn in wait(open_conns):
+    with interrupts_kept():  # a Ctrl-C dropped in a gc callback here would be lost: the workers ignore SIGINT
+        while open_conns:
+            try:
+                ready = wait(open_conns, timeout=1.0)  # at least once a second: a kept Ctrl-C acts below
                 with interrupts_deferred(repeat_acts_now=False):
-                    try:
-                        kind, payload = conn.recv()
-                    except (EOFError, OSError):  # the worker exited (or died)
-                        open_conns.remove(conn)
-                        continue
-                    if kind == "next":
-                        conn.send(todo.pop(0) if todo and not stopping else None)
-                    elif kind == "record" and on_record is not None:
-                        on_record(payload)
-                    elif kind == "error":
-                        errors.append(payload)
-                        stopping = True
-                        stop_workers()
-        except KeyboardInterrupt:
-            if stopping and not errors:
-                for p in procs:
-                    p.kill()
-                raise
-            stopping = True
-            runner._say("mqar: stopping the workers; they record and checkpoint their cut runs "
-                        "(Ctrl-C again to kill them)")
-            stop_workers()
+                    for conn in ready:
+                        try:
+                            kind, payload = conn.recv()
+                        except (EOFError, OSError):  # the worker exited (or died)
+                            open_conns.remove(conn)
+                            continue
+                        if kind == "next":
+                            conn.send(todo.pop(0) if todo and not stopping else None)
+                        elif kind == "record" and on_record is not None:
+                            on_record(payload)
+                        elif kind == "error":
+                            errors.append(payload)
+                            stopping = True
+                            stop_workers()
+            except KeyboardInterrupt:
+                if stopping and not errors:
+                    for p in procs:
+                        p.kill()
+                    raise
+                stopping = True
+                runner._say("mqar: stopping the workers; they record and checkpoint their cut runs "
+                            "(Ctrl-C again to kill them)")
+                stop_workers()
     for p in procs:
         p.join()
     failed = [f"worker {i} ended with exit code {p.exitcode}" for i, p in enumerate(procs)
