@@ -28,6 +28,9 @@ class ModelConfig:
     mlp: "glu" (SwiGLU), "mlp" (GELU), "none" (mixer-only blocks) or "identity" (Zoology's quirk:
     the second half-block adds LayerNorm(x) to x). ``mlp_ratio`` sets the hidden width (for "glu" the
     width is rounded to a multiple of 8 from ``mlp_ratio * d_model * 2/3``).
+
+    dropout: on every residual branch and on the embeddings; ``embed_dropout``, if set, replaces it on the
+    embeddings (token + position) only (Zoology: embedding dropout 0.1, residual dropout 0).
     """
 
     vocab_size: int = 256
@@ -42,6 +45,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     pos_embedding: Literal["none", "learned"] = "none"
     dropout: float = 0.0
+    embed_dropout: float | None = None
     init_std: float = 0.02
     dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -51,8 +55,10 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "max_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config key 'model.{name}' must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"config key 'model.dropout' must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "embed_dropout"):
+            rate = getattr(self, name)
+            if rate is not None and not 0.0 <= rate < 1.0:
+                raise ConfigError(f"config key 'model.{name}' must be in [0, 1), got {rate}")
         if self.mlp_ratio <= 0:
             raise ConfigError(f"config key 'model.mlp_ratio' must be > 0, got {self.mlp_ratio}")
         parse_mixer_spec(self.mixer, "model.mixer")
@@ -158,7 +164,8 @@ class LM(nnx.Module):
                       rngs=rngs)
             if cfg.pos_embedding == "learned" else None
         )
-        self.embed_dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
+        embed_rate = cfg.dropout if cfg.embed_dropout is None else cfg.embed_dropout
+        self.embed_dropout = nnx.Dropout(embed_rate, rngs=rngs) if embed_rate > 0 else None
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = _norm(cfg, rngs)
         self.head = None if cfg.tie_embeddings else _linear(cfg.d_model, cfg.vocab_size, cfg.init_std, dt, rngs,

@@ -256,6 +256,15 @@ MUTATIONS = [
     Mutation("workers-parent-waits-without-timeout", "lm/mqar/workers.py",
              "ready = wait(open_conns, timeout=1.0)", "ready = wait(open_conns)",
              ("tests/test_mqar_workers.py", "-k", "dropped_in_a_gc")),
+    Mutation("embed-dropout-ignored", "lm/model.py",
+             "embed_rate = cfg.dropout if cfg.embed_dropout is None else cfg.embed_dropout", "embed_rate = cfg.dropout",
+             ("tests/test_model.py", "-k", "embed_dropout")),
+    Mutation("mqar-drops-embed-dropout", "lm/mqar/runner.py",
+             "embed_dropout=m.embed_dropout if m.embed_dropout is not None else md.embed_dropout,",
+             "embed_dropout=None,", ("tests/test_mqar.py", "-k", "fingerprints")),
+    Mutation("fingerprint-hashes-unset-added-keys", "lm/mqar/runner.py",
+             "if not (k in MODEL_KEYS_ADDED and v is None)}", "}",
+             ("tests/test_mqar.py", "-k", "fingerprints")),
 ]
 
 

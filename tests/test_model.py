@@ -34,6 +34,20 @@ def test_forward_backward(mixer):
     assert jnp.allclose(model(tokens), model(tokens))  # deterministic without dropout
 
 
+@pytest.mark.parametrize("dropout, embed_dropout, embed_rate, residual_rate",
+                         [(0.0, 0.5, 0.5, None), (0.3, 0.0, None, 0.3), (0.3, None, 0.3, 0.3), (0.2, 0.5, 0.5, 0.2)])
+def test_embed_dropout_replaces_dropout_on_the_embeddings_only(dropout, embed_dropout, embed_rate, residual_rate):
+    """Zoology drops 10 % of the embeddings and nothing on the residual branches: ``embed_dropout`` sets
+    the embeddings' rate (unset: ``dropout``), ``dropout`` the blocks'. In training mode the embeddings'
+    zeroed fraction is the rate."""
+    model = LM(tiny(dropout=dropout, embed_dropout=embed_dropout, mlp="mlp"), rngs=nnx.Rngs(0))
+    rates = [None if d is None else d.rate for d in (model.embed_dropout, *(b.dropout for b in model.blocks))]
+    assert rates == [embed_rate] + [residual_rate] * 2
+    x = model.embed_tokens(jnp.ones((64, 32), jnp.int32))
+    dropped = float(jnp.mean(x == 0.0))
+    assert abs(dropped - (embed_rate or 0.0)) < 0.02, dropped
+
+
 def test_hidden_then_logits_equals_call():
     model = LM(tiny(), rngs=nnx.Rngs(1))
     tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 37)
@@ -82,6 +96,7 @@ def test_hybrid_layer_mixers():
         ({"d_model": 0}, "model.d_model"),
         ({"mlp": "wide"}, "config key .mlp.: .wide. is not one of"),
         ({"dropout": 1.5}, "model.dropout"),
+        ({"embed_dropout": -0.1}, "model.embed_dropout"),
     ],
 )
 def test_bad_config(overrides, message):

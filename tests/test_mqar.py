@@ -328,3 +328,22 @@ def test_evaluation_scores_chance_and_known_answers(tmp_path):
     wrong = (predicted + 1) % cfg.data.vocab_size
     targets = np.stack([wrong[0], [predicted[1, 0], wrong[1, 1]], predicted[2]]).astype(np.int32)
     assert evaluate(params, runner.MQARSplit(x, pos, targets)) == pytest.approx(0.5)
+
+
+def test_committed_paper_cell_records_keep_their_fingerprints():
+    """The records in results/mqar/zoology_cpu/ were made before `model.embed_dropout` existed: unset, it is
+    left out of the fingerprint, so a rerun of configs/mqar/zoology.yaml still finds (and skips or resumes)
+    them; set, it makes a different run."""
+    import pathlib
+
+    from lm.mqar import runner
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cell = ["grid.mixers=[attention,baseconv,hyena]", "grid.d_models=[64]",
+            "grid.points=[{seq_len: 64, num_kv_pairs: 4, batch_size: 512}]"]
+    cfg = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell)
+    fingerprints = {r.key: runner.run_fingerprint(cfg, r) for r in runner.expand_grid(cfg)}
+    records = runner.read_results(root / "results/mqar/zoology_cpu/results.jsonl")
+    assert records and all(fingerprints[r["key"]] == r["fingerprint"] for r in records)
+    dropped = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell + ["model.embed_dropout=0.1"])
+    assert all(runner.run_fingerprint(dropped, r) != fingerprints[r.key] for r in runner.expand_grid(dropped))

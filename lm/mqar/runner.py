@@ -94,13 +94,15 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelDefaults:
-    """Model settings shared by all mixers (a mixer entry may override n_layers, mlp, dropout)."""
+    """Model settings shared by all mixers (a mixer entry may override n_layers, mlp, dropout,
+    embed_dropout). See `lm.model.ModelConfig`."""
 
     n_layers: int = 2
     mlp: Literal["glu", "mlp", "none", "identity"] = "identity"  # Zoology: identity state mixer (quirk)
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     tie_embeddings: bool = True
     dropout: float = 0.0
+    embed_dropout: float | None = None  # None: ``dropout`` (Zoology: 0.1 on the embeddings only)
     init_std: float = 0.02
     dtype: Literal["float32", "bfloat16"] = "float32"
 
@@ -116,6 +118,7 @@ class MixerRun:
     n_layers: int | None = None
     mlp: Literal["glu", "mlp", "none", "identity"] | None = None
     dropout: float | None = None
+    embed_dropout: float | None = None
 
 
 @dataclasses.dataclass
@@ -283,20 +286,22 @@ def model_config_for(cfg: MQARConfig, run: Run):
         tie_embeddings=md.tie_embeddings,
         pos_embedding=m.pos_embedding,
         dropout=m.dropout if m.dropout is not None else md.dropout,
+        embed_dropout=m.embed_dropout if m.embed_dropout is not None else md.embed_dropout,
         init_std=md.init_std,
         dtype=md.dtype,
     )
 
 
 NOT_FINGERPRINTED = ("checkpoint_every_s",)  # train keys added later that leave a run's result as it is
+MODEL_KEYS_ADDED = ("embed_dropout",)  # model keys added later: left out of the hash while None (their default)
 
 
 def run_fingerprint(cfg: MQARConfig, run: Run) -> str:
     """Hash of everything that determines a run's result (data, model, training, point, lr, seed)."""
-    mcfg = model_config_for(cfg, run)
+    model = {k: v for k, v in to_dict(model_config_for(cfg, run)).items() if not (k in MODEL_KEYS_ADDED and v is None)}
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in NOT_FINGERPRINTED}
     blob = json.dumps(
-        {"data": to_dict(cfg.data), "model": to_dict(mcfg), "train": train,
+        {"data": to_dict(cfg.data), "model": model, "train": train,
          "point": to_dict(run.point), "lr": run.lr, "seed": run.seed},
         sort_keys=True, default=str,
     )
@@ -796,6 +801,8 @@ def run_record(cfg: MQARConfig, run: Run, mcfg, n_params: int, *, n_train: int, 
         "n_layers": mcfg.n_layers,
         "mlp": mcfg.mlp,
         "pos_embedding": mcfg.pos_embedding,
+        "dropout": mcfg.dropout,
+        "embed_dropout": mcfg.dropout if mcfg.embed_dropout is None else mcfg.embed_dropout,
         "params": n_params,
         "vocab_size": cfg.data.vocab_size,
         "num_train_examples": n_train,
