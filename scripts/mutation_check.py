@@ -262,8 +262,11 @@ MUTATIONS = [
     Mutation("mqar-drops-embed-dropout", "lm/mqar/runner.py",
              "embed_dropout=m.embed_dropout if m.embed_dropout is not None else md.embed_dropout,",
              "embed_dropout=None,", ("tests/test_mqar.py", "-k", "fingerprints")),
-    Mutation("fingerprint-hashes-unset-added-keys", "lm/mqar/runner.py",
-             "if not (k in MODEL_KEYS_ADDED and v is None)}", "}",
+    Mutation("fingerprint-hashes-unset-embed-dropout", "lm/mqar/runner.py",
+             'if model["embed_dropout"] in (None, model["dropout"]):', "if False:",
+             ("tests/test_mqar.py", "-k", "fingerprints")),
+    Mutation("fingerprint-embed-dropout-equal-to-dropout-differs", "lm/mqar/runner.py",
+             'if model["embed_dropout"] in (None, model["dropout"]):', 'if model["embed_dropout"] is None:',
              ("tests/test_mqar.py", "-k", "fingerprints")),
 ]
 

@@ -331,9 +331,9 @@ def test_evaluation_scores_chance_and_known_answers(tmp_path):
 
 
 def test_committed_paper_cell_records_keep_their_fingerprints():
-    """The records in results/mqar/zoology_cpu/ were made before `model.embed_dropout` existed: unset, it is
-    left out of the fingerprint, so a rerun of configs/mqar/zoology.yaml still finds (and skips or resumes)
-    them; set, it makes a different run."""
+    """The records in results/mqar/zoology_cpu/ were made before `model.embed_dropout` existed: unset, or
+    equal to ``model.dropout`` (0 there), it is left out of the fingerprint, so a rerun still finds (and skips
+    or resumes) them; 0.1 makes a different run."""
     import pathlib
 
     from lm.mqar import runner
@@ -345,5 +345,7 @@ def test_committed_paper_cell_records_keep_their_fingerprints():
     fingerprints = {r.key: runner.run_fingerprint(cfg, r) for r in runner.expand_grid(cfg)}
     records = runner.read_results(root / "results/mqar/zoology_cpu/results.jsonl")
     assert records and all(fingerprints[r["key"]] == r["fingerprint"] for r in records)
+    same = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell + ["model.embed_dropout=0.0"])
+    assert all(runner.run_fingerprint(same, r) == fingerprints[r.key] for r in runner.expand_grid(same))
     dropped = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell + ["model.embed_dropout=0.1"])
     assert all(runner.run_fingerprint(dropped, r) != fingerprints[r.key] for r in runner.expand_grid(dropped))

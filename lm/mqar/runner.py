@@ -293,15 +293,23 @@ def model_config_for(cfg: MQARConfig, run: Run):
 
 
 NOT_FINGERPRINTED = ("checkpoint_every_s",)  # train keys added later that leave a run's result as it is
-MODEL_KEYS_ADDED = ("embed_dropout",)  # model keys added later: left out of the hash while None (their default)
+
+
+def _fingerprinted_model(cfg: MQARConfig, run: Run) -> dict:
+    """The run's model settings in one form per model: ``embed_dropout`` (added later) is left out where it
+    is unset or equals the ``dropout`` it replaces, so records made before it existed keep their fingerprints
+    and an explicit ``embed_dropout`` equal to ``dropout`` is the same run."""
+    model = to_dict(model_config_for(cfg, run))
+    if model["embed_dropout"] in (None, model["dropout"]):
+        del model["embed_dropout"]
+    return model
 
 
 def run_fingerprint(cfg: MQARConfig, run: Run) -> str:
     """Hash of everything that determines a run's result (data, model, training, point, lr, seed)."""
-    model = {k: v for k, v in to_dict(model_config_for(cfg, run)).items() if not (k in MODEL_KEYS_ADDED and v is None)}
     train = {k: v for k, v in to_dict(cfg.train).items() if k not in NOT_FINGERPRINTED}
     blob = json.dumps(
-        {"data": to_dict(cfg.data), "model": model, "train": train,
+        {"data": to_dict(cfg.data), "model": _fingerprinted_model(cfg, run), "train": train,
          "point": to_dict(run.point), "lr": run.lr, "seed": run.seed},
         sort_keys=True, default=str,
     )
