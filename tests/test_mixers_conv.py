@@ -425,3 +425,29 @@ def test_long_filters_are_fp32_and_documented(name):
 def test_config_errors(spec, match):
     with pytest.raises(ConfigError, match=match):
         build(spec)
+
+
+@pytest.mark.parametrize("mixer", ["baseconv", "hyena"])
+def test_filter_init_normal_is_zoologys_lm_init_of_the_filter_mlp(mixer):
+    """Zoology's LM re-initialises every nn.Linear, the implicit filter's MLP included, to N(0, 0.02²) with
+    zero bias: ``filter_init: normal``. The default "torch" keeps PyTorch's U(±1/√fan_in). With "normal" the
+    long filter starts near 0 (BaseConv's conv(u) = h ∗ u + u near u)."""
+    spec = {"name": mixer} | ({"kernel_size": -1} if mixer == "baseconv" else {})
+
+    def linear_params(init):  # {"kernel": [...], "bias": [...]} of the filter MLP's Linear layers
+        m = build_mixer(spec | {"filter_init": init}, d_model=64, max_len=64, rngs=nnx.Rngs(0))
+        out = {"kernel": [], "bias": []}
+        for path, x in jax.tree_util.tree_flatten_with_path(nnx.state(m.filter, FilterParam))[0]:
+            name = next(str(k.key) for k in reversed(path) if hasattr(k, "key"))  # the last dict key
+            if name in out:
+                out[name].append(x)
+        return m, out
+
+    m, normal = linear_params("normal")
+    assert len(normal["kernel"]) >= 2 and all(abs(float(jnp.std(k)) - 0.02) < 0.004 for k in normal["kernel"])
+    assert normal["bias"] and all(float(jnp.max(jnp.abs(b))) == 0.0 for b in normal["bias"])
+    _, torch = linear_params("torch")
+    for k in torch["kernel"]:  # U(±1/√fan_in): std 1/√(3·fan_in)
+        assert abs(float(jnp.std(k)) * math.sqrt(3 * k.shape[0]) - 1.0) < 0.2
+    if mixer == "baseconv":
+        assert float(jnp.max(jnp.abs(m.filter(64)))) < 0.02

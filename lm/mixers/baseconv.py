@@ -6,7 +6,10 @@ variant "zoology" (default):
     PyTorch Conv1d init);
   - kernel_size -1: conv(u) = h ∗ u + u, the implicit long convolution of zoology's
     `ImplicitLongConvolution` (filter `filters.ZoologyImplicitFilter`, a ReLU MLP over fixed positional
-    features; its FFT conv adds the unit skip), computed by `kernels.fftconv` in fp32.
+    features; its FFT conv adds the unit skip), computed by `kernels.fftconv` in fp32. ``filter_init``
+    "normal" is Zoology's LM: its `_init_weights` sets every nn.Linear, the filter MLP's too, to N(0, 0.02²)
+    with zero bias, so the filter starts near 0 and conv(u) near u; "torch" (PyTorch's Linear default)
+    starts it at O(0.3) per tap.
   - `kernel_sizes: [3, -1, 3, -1]` picks kernel_sizes[layer_idx % len] (zoology's per-layer list; the
     MQAR Figure 2 config uses it with 4 layers) and overrides `kernel_size`.
 variant "based" (based `BaseConv`, the "BaseConv (k 3, expand 4)" layers of Based-360M):
@@ -39,6 +42,7 @@ class BaseConvConfig:
     expand: int = 2                         # based variant: in_proj width expand·d_model, gate width expand·d/2
     filter_emb_dim: int = 3                 # implicit filter: positional features (odd, >= 3)
     filter_hidden: int = 16                 # implicit filter: MLP width
+    filter_init: Literal["torch", "normal"] = "torch"  # implicit filter MLP init (see the module docstring)
     init_std: float = 0.02
     scaled_out_init: bool = True            # based variant: out_proj std init_std / sqrt(2·n_layers)
 
@@ -59,6 +63,8 @@ class BaseConvConfig:
             raise ConfigError(f"baseconv: filter_emb_dim must be odd and >= 3, got {self.filter_emb_dim}")
         if self.filter_hidden < 1:
             raise ConfigError(f"baseconv: filter_hidden must be >= 1, got {self.filter_hidden}")
+        if self.filter_init not in ("torch", "normal"):
+            raise ConfigError(f"baseconv: filter_init must be 'torch' or 'normal', got {self.filter_init!r}")
 
 
 @register_mixer("baseconv", BaseConvConfig, "BaseConv: conv(u) ⊙ (W u + b) + u, short or implicit long conv")
@@ -74,7 +80,7 @@ class BaseConv(nnx.Module):
             self.projection = dense(d_model, d_model, dtype=dtype, rngs=rngs, std=cfg.init_std)
             if ksize == -1:
                 self.filter = ZoologyImplicitFilter(d_model, max_len, emb_dim=cfg.filter_emb_dim,
-                                                    hidden=cfg.filter_hidden, rngs=rngs)
+                                                    hidden=cfg.filter_hidden, init=cfg.filter_init, rngs=rngs)
             else:
                 self.conv = ShortConv(d_model, ksize, dtype=dtype, rngs=rngs)
         else:

@@ -186,14 +186,16 @@ class ZoologyImplicitFilter(nnx.Module):
     """Zoology `ImplicitLongConvolution` filter: fixed z(t) → Linear(emb, hidden) → ReLU → Linear(hidden, C).
 
     No window and no sine; z (``pos_emb``, frozen) as in `positional_features`. Output (L, channels).
+    ``init``: see `FilterLinear` (Zoology's LM re-initialises these Linear layers "normal", as every Linear).
     """
 
-    def __init__(self, channels: int, l_max: int, *, emb_dim: int = 3, hidden: int = 16, rngs: nnx.Rngs):
+    def __init__(self, channels: int, l_max: int, *, emb_dim: int = 3, hidden: int = 16, init: str = "torch",
+                 rngs: nnx.Rngs):
         z, _ = positional_features(l_max, emb_dim)
         self.channels, self.l_max = int(channels), int(l_max)
         self.pos_emb = nnx.Variable(jnp.asarray(z))
-        self.fc1 = FilterLinear(emb_dim, hidden, rngs=rngs)
-        self.fc2 = FilterLinear(hidden, channels, rngs=rngs)
+        self.fc1 = FilterLinear(emb_dim, hidden, init=init, rngs=rngs)
+        self.fc2 = FilterLinear(hidden, channels, init=init, rngs=rngs)
 
     def __call__(self, seqlen: int) -> jax.Array:
         _check_len(seqlen, self.l_max, "ZoologyImplicitFilter")
