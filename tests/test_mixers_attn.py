@@ -262,8 +262,9 @@ def test_baseconv_short_matches_formula(ksize):
     np.testing.assert_allclose(_np(mod(x)), ref, rtol=1e-4, atol=1e-4)
 
 
-def test_baseconv_long_matches_formula():
-    mod = _baseconv(kernel_size=-1)
+@pytest.mark.parametrize("filter_kind", ["relu_mlp", "sine_window"])
+def test_baseconv_long_matches_formula(filter_kind):
+    mod = _baseconv(kernel_size=-1, filter_kind=filter_kind)
     _randomize(mod)
     x = _x()
     u = _np(x)
@@ -272,6 +273,28 @@ def test_baseconv_long_matches_formula():
     proj = u @ _np(mod.projection.kernel[...]) + _np(mod.projection.bias[...])
     ref = (_np_causal_conv(h, u) + u) * proj + u  # the implicit long conv carries its own unit skip
     np.testing.assert_allclose(_np(mod(x)), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_baseconv_sine_window_filter_is_zoologys_earlier_implicit_filter():
+    """filter_kind "sine_window": h = window ⊙ (a3 Wout), a_{i+1} = sin(ω ⊙ (a_i W_i + b_i)), a_0 = z,
+    with one ω (width 16) for every sine, z = [t̂, cos, sin] frozen (no gradient), window exp(-|δ_c| t̂) with
+    δ from ln(0.01)/1.5 to ln(0.01)/0.3 over the channels: Zoology's ImplicitLongConvolution before its
+    rewrite (Hyena's filter), evaluated here in float64 numpy."""
+    mod = _baseconv(kernel_size=-1, filter_kind="sine_window", filter_init="normal")
+    f = mod.filter
+    assert f.width == 16 and len(f.layers) == 3 and not isinstance(f.pos_emb, nnx.Param)
+    assert np.all(_np(f.freq[...]) == 1.0)  # the reference's sine frequency (Hyena's LM uses 14)
+    _randomize(mod)
+    t_hat = np.linspace(0.0, 1.0, 64)
+    angle = 1e-4 * 2 * np.pi * np.arange(64) / 64  # the one band of emb_dim 3
+    h = np.stack([t_hat, np.cos(angle), -np.sin(angle)], axis=-1)
+    omega = _np(f.freq[...]).astype(np.float64)
+    for layer in f.layers:
+        h = np.sin(omega * (h @ _np(layer.kernel[...]) + _np(layer.bias[...])))
+    h = h @ _np(f.out.kernel[...])
+    deltas = np.linspace(math.log(1e-2) / 1.5, math.log(1e-2) / 0.3, D)
+    h = h * np.exp(-t_hat[:, None] * np.abs(deltas)[None, :])
+    np.testing.assert_allclose(_np(f(L)), h[:L], rtol=1e-4, atol=1e-5)
 
 
 def test_baseconv_kernel_sizes_follow_layer_index():

@@ -5,8 +5,12 @@ variant "zoology" (default):
   - kernel_size k > 0: conv = causal depthwise short conv of width k with bias (`layers.ShortConv`,
     PyTorch Conv1d init);
   - kernel_size -1: conv(u) = h ∗ u + u, the implicit long convolution of zoology's
-    `ImplicitLongConvolution` (filter `filters.ZoologyImplicitFilter`, a ReLU MLP over fixed positional
-    features; its FFT conv adds the unit skip), computed by `kernels.fftconv` in fp32. ``filter_init``
+    `ImplicitLongConvolution` (its FFT conv adds the unit skip), computed by `kernels.fftconv` in fp32.
+    Zoology has had two filters under that name, ``filter_kind``: "relu_mlp" (since its Based-era rewrite,
+    `filters.ZoologyImplicitFilter`: Linear(emb → hidden), ReLU, Linear(hidden → C) over fixed positional
+    features) and "sine_window" (the earlier one, adapted from Hyena: `filters.HyenaImplicitFilter` of width
+    ``filter_hidden`` with sines of frequency 1, 2 inner layers, a bias-free output layer, frozen positional
+    features and Hyena's exponential window). Which one made Zoology's Figure 2 is not recorded. ``filter_init``
     "normal" is Zoology's LM: its `_init_weights` sets every nn.Linear, the filter MLP's too, to N(0, 0.02²)
     with zero bias, so the filter starts near 0 and conv(u) near u; "torch" (PyTorch's Linear default)
     starts it at O(0.3) per tap.
@@ -28,7 +32,7 @@ from flax import nnx
 
 from kernels.fftconv import fftconv
 from lm.config import ConfigError
-from lm.mixers.filters import ZoologyImplicitFilter
+from lm.mixers.filters import HyenaImplicitFilter, ZoologyImplicitFilter
 from lm.mixers.layers import ShortConv, check_seqlen, dense, out_proj_std
 from lm.mixers.registry import register_mixer
 
@@ -43,6 +47,7 @@ class BaseConvConfig:
     filter_emb_dim: int = 3                 # implicit filter: positional features (odd, >= 3)
     filter_hidden: int = 16                 # implicit filter: MLP width
     filter_init: Literal["torch", "normal"] = "torch"  # implicit filter MLP init (see the module docstring)
+    filter_kind: Literal["relu_mlp", "sine_window"] = "relu_mlp"  # implicit filter (see the module docstring)
     init_std: float = 0.02
     scaled_out_init: bool = True            # based variant: out_proj std init_std / sqrt(2·n_layers)
 
@@ -65,6 +70,8 @@ class BaseConvConfig:
             raise ConfigError(f"baseconv: filter_hidden must be >= 1, got {self.filter_hidden}")
         if self.filter_init not in ("torch", "normal"):
             raise ConfigError(f"baseconv: filter_init must be 'torch' or 'normal', got {self.filter_init!r}")
+        if self.filter_kind not in ("relu_mlp", "sine_window"):
+            raise ConfigError(f"baseconv: filter_kind must be 'relu_mlp' or 'sine_window', got {self.filter_kind!r}")
 
 
 @register_mixer("baseconv", BaseConvConfig, "BaseConv: conv(u) ⊙ (W u + b) + u, short or implicit long conv")
@@ -78,9 +85,13 @@ class BaseConv(nnx.Module):
         self.dtype = dtype
         if cfg.variant == "zoology":
             self.projection = dense(d_model, d_model, dtype=dtype, rngs=rngs, std=cfg.init_std)
-            if ksize == -1:
+            if ksize == -1 and cfg.filter_kind == "relu_mlp":
                 self.filter = ZoologyImplicitFilter(d_model, max_len, emb_dim=cfg.filter_emb_dim,
                                                     hidden=cfg.filter_hidden, init=cfg.filter_init, rngs=rngs)
+            elif ksize == -1:
+                self.filter = HyenaImplicitFilter(d_model, max_len, emb_dim=cfg.filter_emb_dim, width=cfg.filter_hidden,
+                                                  num_inner_mlps=2, w=1.0, train_pos_emb=False, init=cfg.filter_init,
+                                                  rngs=rngs)
             else:
                 self.conv = ShortConv(d_model, ksize, dtype=dtype, rngs=rngs)
         else:
