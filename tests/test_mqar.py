@@ -330,10 +330,19 @@ def test_evaluation_scores_chance_and_known_answers(tmp_path):
     assert evaluate(params, runner.MQARSplit(x, pos, targets)) == pytest.approx(0.5)
 
 
+EARLIER_ZOOLOGY = [  # overrides that give configs/mqar/zoology.yaml as it was before 2026-11-29 10:00 UTC
+    "model.embed_dropout=0.0",
+    "mixers=[{label: attention, mixer: {name: attention, num_heads: 1, rotary: false, dropout: 0.1}, "
+    "pos_embedding: learned}, {label: hyena, mixer: {name: hyena, order: 2, filter_order: 64, emb_dim: 3, "
+    "w: 1.0, num_inner_mlps: 2}}, {label: baseconv, mixer: {name: baseconv, kernel_sizes: [3, -1, 3, -1]}}]",
+]
+
+
 def test_committed_paper_cell_records_keep_their_fingerprints():
-    """The records in results/mqar/zoology_cpu/ were made before `model.embed_dropout` existed: unset, or
-    equal to ``model.dropout`` (0 there), it is left out of the fingerprint, so a rerun still finds (and skips
-    or resumes) them; 0.1 makes a different run."""
+    """The records in results/mqar/zoology_cpu/ were made before `model.embed_dropout` and `filter_init`
+    existed, with neither embedding dropout nor Zoology's filter init: the overrides in EARLIER_ZOOLOGY
+    (the ones results/mqar/README.md gives) find them again (so a rerun skips or resumes them), with
+    ``embed_dropout`` equal to ``dropout`` left out of the fingerprint; the current config is another run."""
     import pathlib
 
     from lm.mqar import runner
@@ -341,11 +350,43 @@ def test_committed_paper_cell_records_keep_their_fingerprints():
     root = pathlib.Path(__file__).resolve().parents[1]
     cell = ["grid.mixers=[attention,baseconv,hyena]", "grid.d_models=[64]",
             "grid.points=[{seq_len: 64, num_kv_pairs: 4, batch_size: 512}]"]
-    cfg = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell)
-    fingerprints = {r.key: runner.run_fingerprint(cfg, r) for r in runner.expand_grid(cfg)}
+    earlier = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell + EARLIER_ZOOLOGY)
+    fingerprints = {r.key: runner.run_fingerprint(earlier, r) for r in runner.expand_grid(earlier)}
     records = runner.read_results(root / "results/mqar/zoology_cpu/results.jsonl")
     assert records and all(fingerprints[r["key"]] == r["fingerprint"] for r in records)
-    same = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell + ["model.embed_dropout=0.0"])
-    assert all(runner.run_fingerprint(same, r) == fingerprints[r.key] for r in runner.expand_grid(same))
-    dropped = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell + ["model.embed_dropout=0.1"])
-    assert all(runner.run_fingerprint(dropped, r) != fingerprints[r.key] for r in runner.expand_grid(dropped))
+    assert all(o in (root / "results/mqar/README.md").read_text() for o in EARLIER_ZOOLOGY)
+    current = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell)
+    undropped = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell + ["model.embed_dropout=0.0"])
+    for r, u in zip(runner.expand_grid(current), runner.expand_grid(undropped)):
+        assert runner.run_fingerprint(current, r) not in (runner.run_fingerprint(undropped, u), fingerprints[r.key])
+
+
+def test_plot_mqar_curves_lines_up_each_settings_accuracy_per_epoch(tmp_path):
+    """scripts/plot_mqar_curves.py: one table row per (setting, learning rate) with the test accuracy at the
+    listed epochs (blank after a cut run's last one), the latest record of a run winning, and the plot."""
+    import pathlib
+    import subprocess
+    import sys
+
+    def record(lr, epochs, acc_at):
+        history = [{"epoch": float(e), "test_acc": acc_at(e)} for e in range(1, epochs + 1)]
+        return {"key": f"baseconv|L64|P4|d64|lr{lr:.3g}|s0", "mixer": "baseconv", "lr": lr, "seq_len": 64,
+                "num_kv_pairs": 4, "d_model": 64, "history": history, "epochs": float(epochs),
+                "acc": max(h["test_acc"] for h in history)}
+
+    runs = {"a": [record(1e-2, 3, lambda e: 0.1), record(1e-2, 64, lambda e: e / 100), record(1e-4, 64, lambda e: 0.2)],
+            "b": [record(1e-2, 10, lambda e: 0.5 + e / 100)]}
+    for name, recs in runs.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "curves"
+    subprocess.run([sys.executable, str(root / "scripts/plot_mqar_curves.py"), "--mixer", "baseconv", "--lrs", "0.01",
+                    "--out", str(out), f"first={tmp_path / 'a'}", f"second={tmp_path / 'b'}"], check=True,
+                   capture_output=True)
+    rows = [line for line in (tmp_path / "curves.md").read_text().splitlines() if line.startswith("| first")
+            or line.startswith("| second")]
+    assert rows == ["| first | 0.01 | 0.040 | 0.080 | 0.120 | 0.160 | 0.200 | 0.240 | 0.320 | 0.400 | 0.480 | 0.560 "
+                    "| 0.640 | 0.640 (64.0) |",
+                    "| second | 0.01 | 0.540 | 0.580 |  |  |  |  |  |  |  |  |  | 0.600 (10.0) |"]
+    assert (tmp_path / "curves.png").stat().st_size > 10_000

@@ -72,10 +72,15 @@ def test_kept_scope_passes_other_unraisable_errors_on_and_restores_the_hook(monk
 
 def test_signal_inside_a_deferred_scope_acts_at_its_end():
     steps = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            steps.append("after the signal")  # the scope's body runs to its end
+    # Python's own Ctrl-C handler, as in a foreground process (a background job inherits SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)
+                steps.append("after the signal")  # the scope's body runs to its end
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert steps == ["after the signal"]
 
 
