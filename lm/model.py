@@ -49,6 +49,11 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: Literal["float32", "bfloat16"] = "float32"
 
+    @property
+    def embed_dropout_rate(self) -> float:
+        """The dropout rate on the embeddings: ``embed_dropout``, or ``dropout`` where that is unset."""
+        return self.dropout if self.embed_dropout is None else self.embed_dropout
+
     def validate(self) -> None:
         from lm.mixers import parse_mixer_spec
 
@@ -164,8 +169,8 @@ class LM(nnx.Module):
                       rngs=rngs)
             if cfg.pos_embedding == "learned" else None
         )
-        embed_rate = cfg.dropout if cfg.embed_dropout is None else cfg.embed_dropout
-        self.embed_dropout = nnx.Dropout(embed_rate, rngs=rngs) if embed_rate > 0 else None
+        rate = cfg.embed_dropout_rate
+        self.embed_dropout = nnx.Dropout(rate, rngs=rngs) if rate > 0 else None
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layers)])
         self.final_norm = _norm(cfg, rngs)
         self.head = None if cfg.tie_embeddings else _linear(cfg.d_model, cfg.vocab_size, cfg.init_std, dt, rngs,

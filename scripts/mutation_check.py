@@ -257,7 +257,7 @@ MUTATIONS = [
              "ready = wait(open_conns, timeout=1.0)", "ready = wait(open_conns)",
              ("tests/test_mqar_workers.py", "-k", "dropped_in_a_gc")),
     Mutation("embed-dropout-ignored", "lm/model.py",
-             "embed_rate = cfg.dropout if cfg.embed_dropout is None else cfg.embed_dropout", "embed_rate = cfg.dropout",
+             "return self.dropout if self.embed_dropout is None else self.embed_dropout", "return self.dropout",
              ("tests/test_model.py", "-k", "embed_dropout")),
     Mutation("mqar-drops-embed-dropout", "lm/mqar/runner.py",
              "embed_dropout=m.embed_dropout if m.embed_dropout is not None else md.embed_dropout,",
