@@ -396,10 +396,9 @@ def test_output_directory_rule_is_stated_once_everywhere():
     assert runner.output_dir(runner.MQARConfig(name="x", out_dir="a"), "b") == pathlib.Path("b")
 
 
-def test_keep_freed_memory_keeps_freed_buffers_resident():
-    """A 64 MB buffer freed and allocated again: with glibc's defaults it is a fresh mmap each time and
-    every page faults in again (as XLA's CPU buffers did on every step); after `keep_freed_memory` the
-    freed memory stays in the heap and the next buffer reuses its resident pages."""
+def _last_number_printed_by(code: str, *args: str) -> int:
+    """Run ``code`` in a fresh Python (glibc only: mallopt settings are per process and glibc-specific)
+    with this repository importable; its last printed number."""
     import os
     import pathlib
     import platform
@@ -408,6 +407,16 @@ def test_keep_freed_memory_keeps_freed_buffers_resident():
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt tuning is glibc-only")
+    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.split()[-1])
+
+
+def test_keep_freed_memory_keeps_freed_buffers_resident():
+    """A 64 MB buffer freed and allocated again: with glibc's defaults it is a fresh mmap each time and
+    every page faults in again (as XLA's CPU buffers did on every step); after `keep_freed_memory` the
+    freed memory stays in the heap and the next buffer reuses its resident pages."""
     code = """
 import resource, sys
 import numpy as np
@@ -422,9 +431,7 @@ for _ in range(5):
     del buf
 print(sum(faults[1:]))  # the first allocation faults in either case
 """
-    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
-    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, env=env,
-                                       check=True).stdout.split()[-1]) for mode in ("default", "keep")}
+    faults = {mode: _last_number_printed_by(code, mode) for mode in ("default", "keep")}
     # default: >= 32 faults per allocation (16k with 4 kB pages, 32 with 2 MB huge pages); kept: ~none
     assert faults["default"] >= 4 * 32 and faults["keep"] * 10 < faults["default"], faults
 
@@ -433,14 +440,6 @@ def test_keep_freed_memory_never_trims_the_heap():
     """A freed heap top larger than 2 GB stays mapped: a trim threshold of INT_MAX (mallopt's largest
     positive value) let glibc hand such tops back, and XLA's step buffers then faulted in again every
     10-40 steps (results/mqar/README.md). Only address space is taken: malloc does not touch the pages."""
-    import os
-    import pathlib
-    import platform
-    import subprocess
-    import sys
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        pytest.skip("mallopt tuning is glibc-only")
     code = """
 import ctypes
 from lm.host_memory import keep_freed_memory
@@ -454,10 +453,7 @@ top = libc.sbrk(0)
 libc.free(block)
 print((top - libc.sbrk(0)) >> 20)  # MB given back to the kernel by the free
 """
-    env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parents[1]))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr
-    assert int(out.stdout.split()[-1]) == 0, out.stdout
+    assert _last_number_printed_by(code) == 0  # MB given back
 
 
 @pytest.mark.parametrize("setting, expected", [("auto", "map"), ("map", "map"), ("vmap", "vmap")])
