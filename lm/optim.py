@@ -3,9 +3,10 @@
 Groups come from `lm.params.param_labels` (see mixers.md §5):
 
 - ``decay``     matrices (linear kernels, embeddings): AdamW with ``weight_decay``;
-- ``no_decay``  vectors (biases, norm scales, skips): weight decay 0;
-- ``filter``    long-filter / SSM parameters (`FilterParam`): weight decay 0 and, when ``filter_lr`` is
-                set, their own peak learning rate (same warmup/cosine shape).
+- ``no_decay``  vectors (biases, norm scales, skips): weight decay 0, or ``weight_decay`` when
+                ``weight_decay_on`` is "all" (PyTorch's AdamW over ``model.parameters()`` decays every tensor);
+- ``filter``    long-filter / SSM parameters (`FilterParam`): ``filter_weight_decay`` (0 by default) and,
+                when ``filter_lr`` is set, their own peak learning rate (same warmup/cosine shape).
 
 The transformation is ``chain(clip_by_global_norm(grad_clip), multi_transform({group: adamw}))``.
 
@@ -27,6 +28,9 @@ import optax
 from lm.config import ConfigError
 
 
+WEIGHT_DECAY_ON = ("matrices", "all")
+
+
 @dataclasses.dataclass
 class OptimizerConfig:
     """AdamW + warmup/cosine schedule. ``warmup_steps`` < 0 means ``warmup_ratio * total steps``."""
@@ -44,8 +48,12 @@ class OptimizerConfig:
     grad_clip: float | None = 1.0  # global-norm clip; null disables
     filter_lr: float | None = None  # peak lr of the "filter" group; null = lr
     filter_weight_decay: float = 0.0
+    weight_decay_on: str = "matrices"  # "matrices" | "all" (vectors too; the filter group keeps its own)
 
     def validate(self) -> None:
+        if self.weight_decay_on not in WEIGHT_DECAY_ON:
+            raise ConfigError(f"config key 'optimizer.weight_decay_on' must be one of {WEIGHT_DECAY_ON}, "
+                              f"got {self.weight_decay_on!r}")
         if self.lr <= 0:
             raise ConfigError(f"config key 'optimizer.lr' must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
@@ -139,11 +147,12 @@ def model_label_map(model) -> dict[tuple[str, ...], str]:
 def make_optimizer(cfg: OptimizerConfig, total_steps: int, label_map: dict[tuple[str, ...], str]
                    ) -> optax.GradientTransformation:
     """The full gradient transformation for a model whose parameters are grouped by ``label_map``."""
+    cfg.validate()
     sched = lr_schedule(cfg, total_steps)
     filter_sched = lr_schedule(cfg, total_steps, cfg.filter_lr) if cfg.filter_lr is not None else sched
     groups = {
         "decay": _adamw(cfg, sched, cfg.weight_decay),
-        "no_decay": _adamw(cfg, sched, 0.0),
+        "no_decay": _adamw(cfg, sched, cfg.weight_decay if cfg.weight_decay_on == "all" else 0.0),
         "filter": _adamw(cfg, filter_sched, cfg.filter_weight_decay),
     }
     parts = []

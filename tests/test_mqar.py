@@ -330,7 +330,8 @@ def test_evaluation_scores_chance_and_known_answers(tmp_path):
     assert evaluate(params, runner.MQARSplit(x, pos, targets)) == pytest.approx(0.5)
 
 
-EARLIER_ZOOLOGY = [  # overrides that give configs/mqar/zoology.yaml as it was before 2026-11-29 10:00 UTC
+BEFORE_DECAY_ALL = ["train.weight_decay_on=matrices"]  # zoology.yaml before 2026-11-29 12:00 UTC
+EARLIER_ZOOLOGY = BEFORE_DECAY_ALL + [  # zoology.yaml before 2026-11-29 10:00 UTC
     "model.embed_dropout=0.0",
     "mixers=[{label: attention, mixer: {name: attention, num_heads: 1, rotary: false, dropout: 0.1}, "
     "pos_embedding: learned}, {label: hyena, mixer: {name: hyena, order: 2, filter_order: 64, emb_dim: 3, "
@@ -338,11 +339,14 @@ EARLIER_ZOOLOGY = [  # overrides that give configs/mqar/zoology.yaml as it was b
 ]
 
 
-def test_committed_paper_cell_records_keep_their_fingerprints():
-    """The records in results/mqar/zoology_cpu/ were made before `model.embed_dropout` and `filter_init`
-    existed, with neither embedding dropout nor Zoology's filter init: the overrides in EARLIER_ZOOLOGY
-    (the ones results/mqar/README.md gives) find them again (so a rerun skips or resumes them), with
-    ``embed_dropout`` equal to ``dropout`` left out of the fingerprint; the current config is another run."""
+@pytest.mark.parametrize("results, overrides", [("zoology_cpu", EARLIER_ZOOLOGY),
+                                                ("zoology_cpu_checks/faithful", BEFORE_DECAY_ALL)])
+def test_committed_paper_cell_records_keep_their_fingerprints(results, overrides):
+    """Records made before a setting of zoology.yaml changed stay findable: the overrides that results/mqar/
+    README.md gives for them (embedding dropout 0, the mixers without Zoology's filter init; weight decay on
+    matrices only) give back their fingerprints, so a rerun skips or resumes them. Settings added later
+    (``embed_dropout`` equal to ``dropout``, ``weight_decay_on: matrices``) are left out of the fingerprint;
+    the current config is another run."""
     import pathlib
 
     from lm.mqar import runner
@@ -350,15 +354,50 @@ def test_committed_paper_cell_records_keep_their_fingerprints():
     root = pathlib.Path(__file__).resolve().parents[1]
     cell = ["grid.mixers=[attention,baseconv,hyena]", "grid.d_models=[64]",
             "grid.points=[{seq_len: 64, num_kv_pairs: 4, batch_size: 512}]"]
-    earlier = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell + EARLIER_ZOOLOGY)
+    earlier = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell + overrides)
     fingerprints = {r.key: runner.run_fingerprint(earlier, r) for r in runner.expand_grid(earlier)}
-    records = runner.read_results(root / "results/mqar/zoology_cpu/results.jsonl")
+    records = runner.read_results(root / "results/mqar" / results / "results.jsonl")
     assert records and all(fingerprints[r["key"]] == r["fingerprint"] for r in records)
-    assert all(o in (root / "results/mqar/README.md").read_text() for o in EARLIER_ZOOLOGY)
+    assert all(o in (root / "results/mqar/README.md").read_text() for o in overrides)
     current = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell)
-    undropped = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell + ["model.embed_dropout=0.0"])
-    for r, u in zip(runner.expand_grid(current), runner.expand_grid(undropped)):
-        assert runner.run_fingerprint(current, r) not in (runner.run_fingerprint(undropped, u), fingerprints[r.key])
+    for override in overrides[:2]:
+        changed = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", cell + [override])
+        for r, u in zip(runner.expand_grid(current), runner.expand_grid(changed)):
+            assert runner.run_fingerprint(current, r) not in (runner.run_fingerprint(changed, u), fingerprints[r.key])
+
+
+def test_weight_decay_on_all_reaches_every_parameter_of_the_mqar_model():
+    """`train.weight_decay_on: all` gives every parameter of an MQAR model (biases, norms, the implicit
+    filter's MLP and positional features) the run's weight decay: zero gradients shrink each one."""
+    import pathlib
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lm.model import LM
+    from lm.mqar import runner
+    from lm.optim import make_optimizer, model_label_map
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cfg = runner.load_mqar_config(root / "configs/mqar/zoology.yaml", [
+                                         "data.vocab_size=16", "grid.mixers=[hyena]", "grid.d_models=[8]",
+                                         "grid.points=[{seq_len: 8, num_kv_pairs: 2, batch_size: 4}]",
+                                         "train.weight_decay=0.5"])
+    run = runner.expand_grid(cfg)[0]
+    for scope, decayed_groups in (("all", {"decay", "no_decay", "filter"}), ("matrices", {"decay"})):
+        cfg.train.weight_decay_on = scope
+        model = LM(runner.model_config_for(cfg, run), rngs=nnx.Rngs(0))
+        labels = model_label_map(model)
+        assert {"decay", "no_decay", "filter"} <= set(labels.values())
+        params = nnx.state(model, nnx.Param)
+        params = jax.tree.map(lambda x: x + 1.0, params)  # no zero tensors, whose decay would not show
+        tx = make_optimizer(runner.optimizer_config(cfg.train, lr=0.1), 10, labels)
+        updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+        for path, u in nnx.to_flat_state(updates):
+            p = nnx.to_flat_state(params)
+            expect = -0.1 * 0.5 * np.asarray(dict(p)[path]) if labels[tuple(map(str, path))] in decayed_groups else 0.0
+            np.testing.assert_allclose(np.asarray(u), expect, rtol=1e-5, atol=1e-7, err_msg=str(path))
 
 
 def test_plot_mqar_curves_lines_up_each_settings_accuracy_per_epoch(tmp_path):

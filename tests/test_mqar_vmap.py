@@ -79,17 +79,15 @@ def _train_alone(cfg, run, train, test, eval_steps):
     import jax.numpy as jnp
 
     from lm.model import LM
-    from lm.optim import OptimizerConfig, make_optimizer, model_label_map
+    from lm.optim import make_optimizer, model_label_map
 
     tc = cfg.train
     model = LM(runner.model_config_for(cfg, run), rngs=nnx.Rngs(params=run.seed, dropout=run.seed + 1))
     bs = run.point.batch_size
     spe = train.inputs.shape[0] // bs
     if run.lr not in _SOLO_TX:
-        _SOLO_TX[run.lr] = make_optimizer(
-            OptimizerConfig(lr=run.lr, min_lr_ratio=tc.min_lr_ratio, warmup_steps=tc.warmup_steps, b1=tc.b1,
-                            b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
-                            filter_weight_decay=0.0), spe * tc.max_epochs, model_label_map(model))
+        _SOLO_TX[run.lr] = make_optimizer(runner.optimizer_config(tc, run.lr), spe * tc.max_epochs,
+                                          model_label_map(model))
     opt = nnx.Optimizer(model, _SOLO_TX[run.lr], wrt=nnx.Param)
     step = nnx.cached_partial(_solo_step, model, opt)
 

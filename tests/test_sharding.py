@@ -102,6 +102,24 @@ def test_parameter_groups_weight_decay_and_filter_lr():
     np.testing.assert_array_equal(after["filt"], before["filt"])  # filter: wd 0 (and lr 0 here)
 
 
+def test_weight_decay_on_all_decays_every_tensor():
+    """``weight_decay_on: all`` (PyTorch's AdamW over model.parameters()) decays biases and norm scales too;
+    the filter group follows ``filter_weight_decay``; an unknown value is a named config error."""
+    model = Toy(nnx.Rngs(0))
+    model.lin.bias[...] = jnp.arange(1.0, 5.0)  # nonzero, so that decay shows
+    cfg = OptimizerConfig(lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.5, weight_decay_on="all",
+                          filter_weight_decay=0.2)
+    opt = nnx.Optimizer(model, make_optimizer(cfg, 10, model_label_map(model)), wrt=nnx.Param)
+    before = host_copy(nnx.state(model, nnx.Param))
+    opt.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    after = host_copy(nnx.state(model, nnx.Param))
+    for path in (("lin", "kernel"), ("lin", "bias"), ("norm", "scale")):
+        np.testing.assert_allclose(after[path[0]][path[1]], before[path[0]][path[1]] * (1 - 0.1 * 0.5), rtol=1e-6)
+    np.testing.assert_allclose(after["filt"], before["filt"] * (1 - 0.1 * 0.2), rtol=1e-6)
+    with pytest.raises(ConfigError, match="optimizer.weight_decay_on"):
+        make_optimizer(OptimizerConfig(weight_decay_on="everything"), 10, model_label_map(model))
+
+
 def test_gradient_clipping_and_sgd_like_first_step():
     import optax
 

@@ -149,6 +149,7 @@ class TrainConfig:
     eval_every_steps: int = 0  # 0: evaluate at the end of every epoch (Zoology)
     eval_batch_size: int = 512
     weight_decay: float = 0.1
+    weight_decay_on: Literal["matrices", "all"] = "matrices"  # "all": every tensor, as Zoology's torch AdamW
     b1: float = 0.9  # torch AdamW defaults (Zoology)
     b2: float = 0.999
     eps: float = 1e-8
@@ -164,6 +165,8 @@ class TrainConfig:
             raise ConfigError(f"config key 'train.max_epochs' must be >= 1, got {self.max_epochs}")
         if self.checkpoint_every_s <= 0:
             raise ConfigError(f"config key 'train.checkpoint_every_s' must be > 0, got {self.checkpoint_every_s}")
+        if self.weight_decay_on not in ("matrices", "all"):
+            raise ConfigError(f"config key 'train.weight_decay_on' must be matrices or all, got {self.weight_decay_on!r}")
         if self.member_loop not in ("auto", "vmap", "map"):
             raise ConfigError(f"config key 'train.member_loop' must be auto, vmap or map, got {self.member_loop!r}")
 
@@ -293,6 +296,7 @@ def model_config_for(cfg: MQARConfig, run: Run):
 
 
 NOT_FINGERPRINTED = ("checkpoint_every_s",)  # train keys added later that leave a run's result as it is
+DEFAULTS_NOT_FINGERPRINTED = {"weight_decay_on": "matrices"}  # train keys added later, left out at these values
 
 
 def _fingerprinted_model(cfg: MQARConfig, run: Run) -> dict:
@@ -307,7 +311,8 @@ def _fingerprinted_model(cfg: MQARConfig, run: Run) -> dict:
 
 def run_fingerprint(cfg: MQARConfig, run: Run) -> str:
     """Hash of everything that determines a run's result (data, model, training, point, lr, seed)."""
-    train = {k: v for k, v in to_dict(cfg.train).items() if k not in NOT_FINGERPRINTED}
+    train = {k: v for k, v in to_dict(cfg.train).items()
+             if k not in NOT_FINGERPRINTED and DEFAULTS_NOT_FINGERPRINTED.get(k, object()) != v}
     blob = json.dumps(
         {"data": to_dict(cfg.data), "model": _fingerprinted_model(cfg, run), "train": train,
          "point": to_dict(run.point), "lr": run.lr, "seed": run.seed},
@@ -567,6 +572,17 @@ def _say(msg: str, pbar=None) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def optimizer_config(tc: TrainConfig, lr: float):
+    """The `lm.optim.OptimizerConfig` of a run's training settings at peak learning rate ``lr``: with
+    ``weight_decay_on: all`` every tensor decays, the long-filter parameters too (one torch AdamW group)."""
+    from lm.optim import OptimizerConfig
+
+    return OptimizerConfig(lr=lr, min_lr_ratio=tc.min_lr_ratio, warmup_steps=tc.warmup_steps, b1=tc.b1, b2=tc.b2,
+                           eps=tc.eps, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
+                           weight_decay_on=tc.weight_decay_on,
+                           filter_weight_decay=tc.weight_decay if tc.weight_decay_on == "all" else 0.0)
+
+
 def init_group(cfg: MQARConfig, runs: list[Run], total_steps: int):
     """``(train_step, eval_step, (params, opt_state, rest), n_params)`` for the runs of one group: each
     member's model is initialised from its seed and the states are stacked along a leading member axis
@@ -575,7 +591,7 @@ def init_group(cfg: MQARConfig, runs: list[Run], total_steps: int):
     from flax import nnx
 
     from lm.model import LM
-    from lm.optim import OptimizerConfig, make_optimizer, model_label_map
+    from lm.optim import make_optimizer, model_label_map
     from lm.params import count_params
 
     tc = cfg.train
@@ -585,10 +601,7 @@ def init_group(cfg: MQARConfig, runs: list[Run], total_steps: int):
     graphdef_eval, _, _ = nnx.split(models[0], nnx.Param, ...)
     models[0].train()
     splits = [nnx.split(m, nnx.Param, ...) for m in models]
-    ocfg = OptimizerConfig(lr=1.0, min_lr_ratio=tc.min_lr_ratio, warmup_steps=tc.warmup_steps, b1=tc.b1,
-                           b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay, grad_clip=tc.grad_clip,
-                           filter_weight_decay=0.0)
-    tx = make_optimizer(ocfg, total_steps, model_label_map(models[0]))
+    tx = make_optimizer(optimizer_config(tc, lr=1.0), total_steps, model_label_map(models[0]))
     params = _stack([s[1] for s in splits])
     rest = _stack([s[2] for s in splits])
     train_step, eval_step = _build_steps(splits[0][0], graphdef_eval, tx, member_loop_for(tc.member_loop))
@@ -811,6 +824,7 @@ def run_record(cfg: MQARConfig, run: Run, mcfg, n_params: int, *, n_train: int, 
         "pos_embedding": mcfg.pos_embedding,
         "dropout": mcfg.dropout,
         "embed_dropout": mcfg.embed_dropout_rate,
+        "weight_decay_on": cfg.train.weight_decay_on,
         "params": n_params,
         "vocab_size": cfg.data.vocab_size,
         "num_train_examples": n_train,
