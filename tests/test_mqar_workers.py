@@ -91,7 +91,10 @@ def _longconv(*args, **kw):
 def test_sigterm_stops_the_workers_with_their_cut_runs_recorded_and_a_rerun_finishes_them(tmp_path):
     """SIGTERM to ``longconv mqar`` while both workers train: exit 130, an ``interrupted`` record and a
     checkpoint per group; the same command then resumes both groups and finishes them."""
-    path = _config(tmp_path, max_epochs=400)  # 4 steps an epoch: long enough to be cut mid-training
+    # 4 steps an epoch, about a millisecond each: a group trains for ~15 s, so that the other group's
+    # compilation, late by a few seconds on a loaded machine, still finds it training
+    total_steps = 4 * 3000
+    path = _config(tmp_path, train={"max_epochs": 3000, "eval_every_steps": 1000})
     out = tmp_path / "out"
     proc = _longconv("--config", str(path), "--out", str(out))
     seen, lines = set(), []
@@ -101,7 +104,7 @@ def test_sigterm_stops_the_workers_with_their_cut_runs_recorded_and_a_rerun_fini
         if not line:
             break
         lines.append(line)
-        if " epoch 2.00 " in line:  # both groups past their compilation and into training
+        if " epoch " in line:  # both groups past their compilation and into training
             seen.add(line.split()[0])
     assert len(seen) == 2, "".join(lines)
     assert all(line.rstrip().endswith(" tok/s") for line in lines if " epoch " in line)  # no bars: the rate is here
@@ -110,7 +113,7 @@ def test_sigterm_stops_the_workers_with_their_cut_runs_recorded_and_a_rerun_fini
     assert proc.returncode == 130, "".join(lines) + rest
     recs = _records(out)
     assert sorted(r["stop"] for r in recs.values()) == ["interrupted", "interrupted"], rest
-    assert all(0 < r["steps"] < 1600 for r in recs.values())
+    assert all(0 < r["steps"] < total_steps for r in recs.values())
     assert len(list((out / "checkpoints").iterdir())) == 2
 
     again = _longconv("--config", str(path), "--out", str(out))
@@ -119,7 +122,7 @@ def test_sigterm_stops_the_workers_with_their_cut_runs_recorded_and_a_rerun_fini
     assert text.count("resumed 1 runs at step") == 2, text
     recs = _records(out)
     assert [r["stop"] for r in recs.values()] == ["max_epochs", "max_epochs"] and all(
-        r["steps"] == 1600 for r in recs.values())
+        r["steps"] == total_steps for r in recs.values())
     assert not any((out / "checkpoints").iterdir())
 
 
