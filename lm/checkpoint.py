@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lm.params import path_names
 from lm.run_config import TrainConfig, load_train_config
 
 
@@ -63,14 +64,7 @@ def _short_reason(error: BaseException, limit: int = 200) -> str:
 
 
 def _path_str(path) -> str:
-    parts = []
-    for p in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(p, attr):
-                parts.append(str(getattr(p, attr)))
-                break
-        else:
-            parts.append(str(p))
+    parts = path_names(path)
     if parts and parts[-1] == "value":
         parts = parts[:-1]
     return ".".join(parts)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from lm.config import ConfigError
+from lm.params import path_names
 
 
 WEIGHT_DECAY_ON = ("matrices", "all")
@@ -95,18 +96,6 @@ def _adamw(cfg: OptimizerConfig, schedule: optax.Schedule, weight_decay: float) 
     return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=weight_decay)
 
 
-def _path_key(path) -> tuple[str, ...]:
-    out = []
-    for p in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(p, attr):
-                out.append(str(getattr(p, attr)))
-                break
-        else:
-            out.append(str(p))
-    return tuple(out)
-
-
 def labels_fn(label_map: dict[tuple[str, ...], str]) -> Callable[[Any], Any]:
     """A callable ``params -> labels tree`` for ``optax.multi_transform``.
 
@@ -120,7 +109,7 @@ def labels_fn(label_map: dict[tuple[str, ...], str]) -> Callable[[Any], Any]:
 
     def fn(params):
         def one(path, leaf):
-            key = _path_key(path)
+            key = path_names(path)
             if key not in label_map:
                 raise KeyError(f"no optimizer group for parameter {'/'.join(key)}")
             return label_map[key]

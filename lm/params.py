@@ -18,6 +18,19 @@ class FilterParam(nnx.Param):
 GROUPS = ("decay", "no_decay", "filter")
 
 
+def path_names(path) -> tuple[str, ...]:
+    """The names of a pytree key path's entries (dict keys, attribute names, sequence indices) as strings."""
+    names = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                names.append(str(getattr(entry, attr)))
+                break
+        else:
+            names.append(str(entry))
+    return tuple(names)
+
+
 def _label(path, variable) -> str:
     if isinstance(variable, FilterParam):
         return "filter"
