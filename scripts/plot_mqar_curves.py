@@ -4,7 +4,7 @@ Each ``LABEL=DIR`` names a sweep's output directory (its ``results.jsonl``); the
 ``--mixer`` at the given learning rates is one line (colour per label, line style per learning rate), with
 Zoology's Figure 2 value for the point as a dashed line. Cut runs end where they were cut.
 
-    python scripts/plot_mqar_curves.py --mixer baseconv --out results/mqar/zoology_cpu_checks/curves \
+    python scripts/plot_mqar_curves.py --mixer baseconv --out results/mqar/zoology_cpu_checks/curves_baseconv \
         "2 layers, earlier config=results/mqar/zoology_cpu" "4 layers=results/mqar/zoology_cpu_checks/4layers"
 
 Writes ``<out>.png`` and ``<out>.md``.

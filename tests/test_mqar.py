@@ -330,7 +330,7 @@ def test_evaluation_scores_chance_and_known_answers(tmp_path):
     assert evaluate(params, runner.MQARSplit(x, pos, targets)) == pytest.approx(0.5)
 
 
-BEFORE_DECAY_ALL = ["train.weight_decay_on=matrices"]  # zoology.yaml before 2026-11-29 12:00 UTC
+BEFORE_DECAY_ALL = ["train.weight_decay_on=matrices"]  # zoology.yaml before 2026-11-29 11:35 UTC
 EARLIER_ZOOLOGY = BEFORE_DECAY_ALL + [  # zoology.yaml before 2026-11-29 10:00 UTC
     "model.embed_dropout=0.0",
     "mixers=[{label: attention, mixer: {name: attention, num_heads: 1, rotary: false, dropout: 0.1}, "
