@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Launch-setting sweep of the Pallas fftconv kernels on a GPU (<= 5 minutes): which knob moves the time.
 
-For each L (default 1K: the fused 2-stage kernel; 4K and 16K: the inner kernel after XLA's outer stage, and
-at 4K also the 3-level fused kernel, `Tuning.fused3_max_fft`; at 4K and 16K the partial conv K = L/16 as the
-one overlap-save kernel against the overlap-add chunks, `Tuning.overlap_save`),
+For each L (default 1K: the fused 2-stage kernel, and the Mosaic GPU wgmma kernel, impl="mosaic", with its
+`kernels.fftconv.mosaic.Tuning` variants; 4K and 16K: the inner kernel after XLA's outer stage, and at 4K also
+the 3-level fused kernel, `Tuning.fused3_max_fft`; at 4K and 16K the partial conv K = L/16 as the one
+overlap-save kernel against the overlap-add chunks, `Tuning.overlap_save`),
 bf16 gated forward at the B x H of `scripts/gpu_check.py`, times jnp.fft ("xla", re-measured here) and
 impl="pallas" under each `kernels.fftconv.pallas.Tuning` variant and activation layout ("blh", or "hbl" =
 the kernels' own order, no transposes), inputs rotated beyond L2, `jax.clear_caches()` between variants.
@@ -29,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kernels.fftconv import fftconv, pallas  # noqa: E402
+from kernels.fftconv import fftconv, mosaic, pallas  # noqa: E402
 from kernels.fftconv.bench import machine_info  # noqa: E402
 from kernels.fftconv.conv import overlap_save_chunk  # noqa: E402
 from kernels.fftconv.gpu_check import FULL_SHAPES, device_inputs, device_name, time_rotating  # noqa: E402
@@ -54,6 +55,9 @@ VARIANTS = [  # the most promising first: a time budget cuts the tail
     ("inner rows 2", {"inner_rows": 2}),
     ("inner rows 32", {"inner_rows": 32}),
 ]
+# The Mosaic GPU wgmma kernel (impl="mosaic", L <= 2048; `kernels.fftconv.mosaic.Tuning` changes), forward.
+MOSAIC_VARIANTS = [("mosaic", {}), ("mosaic 16 seqs", {"seqs_per_program": 16}),
+                   ("mosaic 2 seqs", {"seqs_per_program": 2})]
 # Also timed as forward+backward (grad w.r.t. u, k, bias and both gates), at the lengths where the 3-level
 # fused kernels apply.
 GRAD_VARIANTS = ("xla", "default", "3-level fused")
@@ -65,6 +69,8 @@ INNER_ONLY = ("inner ", "fp32 planes")
 
 def applies(label: str, seqlen: int) -> bool:
     fused = seqlen <= 2048  # dense conv of L <= 2048: FFT size <= 4096, a 2-stage plan
+    if label.startswith("mosaic"):
+        return seqlen <= mosaic.MAX_LEN
     if label.startswith("3-level"):
         return 2048 < seqlen <= 8192  # FFT sizes 8192 and 16384: 3-stage plans the fused kernel can take
     if label.startswith(FUSED_ONLY):
@@ -104,7 +110,8 @@ def main() -> int:
                     for u, k, bias, pre, post in base_sets]
             reference = {}  # group -> the default variant's output (fwd) or gradients (fwdbwd), flattened
             every = [("xla", None)] + VARIANTS
-            runs = [("fwd", label, changes) for label, changes in every[:3]]  # jnp.fft, default, 3-level
+            runs = [("fwd", label, changes) for label, changes in every[:3] + MOSAIC_VARIANTS]  # jnp.fft, default,
+            # 3-level, the Mosaic kernel
             if applies("3-level", seqlen):
                 runs += [("fwdbwd", label, changes) for label, changes in every if label in GRAD_VARIANTS]
             if overlap_save_chunk(seqlen, seqlen // 16):
@@ -120,15 +127,18 @@ def main() -> int:
                 if time.perf_counter() - t_start > args.budget_s:
                     rows.append({**row, "skipped": "time budget"})
                     continue
-                impl = "xla" if changes is None else "pallas"
+                impl = "xla" if changes is None else "mosaic" if label.startswith("mosaic") else "pallas"
                 jax.clear_caches()
-                def conv(u, k, b, pre, post, impl=impl, layout=layout, ksize=ksize):
+                def conv(u, k, b, pre, post, impl=impl, layout=layout, ksize=ksize, changes=changes):
+                    if impl == "mosaic":
+                        return mosaic.fftconv_mosaic(u, k[:ksize], b, pre, post, precision="bf16", layout=layout,
+                                                     tuning=mosaic.Tuning(**changes))
                     return fftconv(u, k[:ksize], b, pre_gate=pre, post_gate=post, impl=impl, layout=layout)
 
                 fn = jax.jit(conv if not group.endswith("fwdbwd") else jax.grad(
                     lambda *a: jnp.sum(conv(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)))
                 try:
-                    with pallas.tuning(**(changes or {})):
+                    with pallas.tuning(**(changes if impl == "pallas" else {})):
                         y = np.concatenate([np.asarray(jnp.asarray(a, jnp.float32)).ravel()
                                             for a in jax.tree.leaves(fn(*sets[0]))])
                         ms = 1e3 * time_rotating(fn, sets, batches=2 if args.smoke else 5)

@@ -23,6 +23,8 @@ Implementations (all compute the same function; see kernels/fftconv/conv.py and 
   "pallas"      the same factorisation as a fused Pallas kernel (interpret mode on CPU);
   "direct"      no FFT: one (L, L) Toeplitz matmul per channel, O(L²) (kernels/fftconv/toeplitz.py), for
                 short sequences; no freq_mask.
+  "mosaic"      a Hopper wgmma kernel in Pallas Mosaic GPU for L <= 2048 (kernels/fftconv/mosaic.py): forward
+                in one pass, bf16/fp16 operands only, no freq_mask; gradient via jnp.fft for now.
 Precision (`precision=`, matmul impls only; see kernels/fftconv/precision.py for the error bounds):
 "fp32" (alias "highest"), "bf16x3", "tf32" (GPU only), "fp16", "bf16"; None = the input dtype's own
 (bf16 → "bf16", fp16 → "fp16", fp32 → "fp32"). "xla" always computes an fp32 FFT (within every bound).
@@ -91,10 +93,25 @@ def _direct(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, p
     return _toeplitz.toeplitz_conv(u, k, bias, pre_gate, post_gate, layout=layout)
 
 
+def _mosaic(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, precision=None, layout="blh"):
+    from kernels.fftconv import mosaic  # Mosaic GPU lowering: imported only when asked for
+
+    if freq_mask is not None:
+        raise FFTConvError("fftconv: impl='mosaic' computes the dense conv; a freq_mask needs 'xla', 'xla-matmul' "
+                           "or 'pallas'")
+    precision = _precision.resolve(precision, u.dtype)
+    reason = mosaic.unsupported(u.shape[_conv.seq_axis(layout)], precision, u.dtype,
+                                (pre_gate is not None) + (post_gate is not None))
+    if reason:
+        default = " (the default for fp32 input)" if precision == "fp32" and u.dtype == jnp.float32 else ""
+        raise FFTConvError(f"fftconv: {reason}{default}")
+    return mosaic.fftconv_mosaic(u, k, bias, pre_gate, post_gate, precision=precision, layout=layout)
+
+
 # name -> implementation with the signature of `fftconv_xla` plus keyword-only `freq_mask`, `precision`,
 # `layout`.
 IMPLEMENTATIONS: dict[str, Callable] = {"xla": _xla, "xla-matmul": _xla_matmul, "pallas": _pallas,
-                                        "direct": _direct}
+                                        "direct": _direct, "mosaic": _mosaic}
 
 # "auto" picks Pallas on GPU for FFT sizes up to this, overriding the measured table (tuned.json).
 # 0 = never: set the environment variable LONGCONV_PALLAS_AUTO_MAX_FFT (e.g. 4096) to opt in globally.

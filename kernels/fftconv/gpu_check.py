@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.fftconv import fftconv, monarch, tuned
+from kernels.fftconv import fftconv, monarch, mosaic, tuned
 from kernels.fftconv import precision as prec
 from kernels.fftconv.bench import machine_info, modes
 
@@ -89,12 +89,17 @@ def variants(dtype: str, smoke: bool = False):
     """(impl, precision) pairs checked for this input dtype; "xla" ignores precision. Smoke: pallas
     only, at the default precision (and bf16x3 for fp32)."""
     out = [("xla", None)]
-    for impl in ("pallas",) if smoke else ("xla-matmul", "pallas"):
+    for impl in ("pallas", "mosaic") if smoke else ("xla-matmul", "pallas", "mosaic"):
         for p in DTYPE_PRECISIONS[dtype][: (2 if dtype == "float32" else 1) if smoke else None]:
-            if p in prec.GPU_ONLY and jax.default_backend() == "tpu":
+            if (p in prec.GPU_ONLY and jax.default_backend() == "tpu") or (impl == "mosaic" and p not in mosaic.PRECISIONS):
                 continue
             out.append((impl, p))
     return out
+
+
+def runs(impl: str, p, seqlen: int, mask, dtype: str) -> bool:
+    """Whether `impl` computes this case (impl="mosaic": no freq_mask, L <= 2048, what fits its shared memory)."""
+    return impl != "mosaic" or (mask is None and mosaic.unsupported(seqlen, p, getattr(jnp, dtype)) is None)
 
 
 def correctness(seqlens, batch, channels, log, smoke=False):
@@ -105,7 +110,8 @@ def correctness(seqlens, batch, channels, log, smoke=False):
                 u, k, bias, pre, post = make_inputs(batch, seqlen, channels, ksize, getattr(jnp, dtype), seed=seqlen)
                 ref = reference(u, k, bias, pre, post, mask)
                 for impl, p in variants(dtype, smoke):
-                    if mode != "dense" and p != prec.default_for(dtype) and impl != "xla":
+                    if (mode != "dense" and p != prec.default_for(dtype) and impl != "xla") or not runs(
+                            impl, p, seqlen, mask, dtype):
                         continue  # modes at the default precision; every precision is checked dense
                     jax.clear_caches()
                     y = fftconv(u, k, bias, pre_gate=pre, post_gate=post, freq_mask=mask, impl=impl, precision=p)
@@ -152,8 +158,9 @@ def bench_plan(shapes, smoke):
     lens = sorted(shapes)
     plan = []
     headline = (("xla", None), ("pallas", "bf16")) + (() if smoke else (("xla-matmul", "bf16"), ("pallas", "fp16")))
-    for seqlen in lens:  # 1. the headline: bf16 gated forward
-        plan += [("fwd", seqlen, "bfloat16", "dense", impl, p) for impl, p in headline]
+    for seqlen in lens:  # 1. the headline: bf16 gated forward (the Mosaic kernel where it runs)
+        mosaic_row = (("mosaic", "bf16"),) if runs("mosaic", "bf16", seqlen, None, "bfloat16") else ()
+        plan += [("fwd", seqlen, "bfloat16", "dense", impl, p) for impl, p in headline + mosaic_row]
     for seqlen in lens:  # 2. forward + backward
         plan += [("fwdbwd", seqlen, "bfloat16", "dense", impl, p) for impl, p in headline[:2]]
     mode_lens = lens[:1] if smoke else [s for s in lens if s in (4096, 16384)]

@@ -40,7 +40,8 @@ Grid: (batch, channel tiles[, row tiles]); each
 program loops over its channels (and rows) with `lax.fori_loop`. Block shapes keep full trailing
 dims so they are legal for Mosaic too.
 
-Backends: on GPU the kernels request Triton (jax >= 0.10 defaults to Mosaic GPU, which rejects them);
+Backends: on GPU the kernels request Triton (jax >= 0.10 defaults to Mosaic GPU, which rejects them; the
+Mosaic GPU wgmma kernel for L ≤ 2048 is `kernels.fftconv.mosaic`, impl "mosaic");
 the fp32 HIGHEST version ran correctly but slowly on one H200 (../shared/measurements/h200-2026-11-28.md);
 with bf16 dots the forward is 0.96× jnp.fft at L 1K and 0.3-0.6× beyond (results/fftconv/README.md).
 Launch settings are in `TUNING` (`tuning()` for sweeps: scripts/gpu_kernel_sweep.py). `tests/test_fftconv_lowering.py`

@@ -1,0 +1,125 @@
+"""impl="mosaic" (the Hopper wgmma kernel, kernels/fftconv/mosaic.py): Mosaic GPU interpret mode on CPU against
+a float64 direct conv, the gradient, the errors, and that the kernel lowers for cuda."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import export
+
+from jaxpr_walk import equations
+from kernels.fftconv import FFTConvError, fftconv, mosaic
+from kernels.fftconv.gpu_check import OUTPUT_ROUNDING
+from kernels.fftconv.precision import ERROR_BOUNDS
+from kernels.fftconv.reference import direct_causal_conv_np
+
+from test_fftconv import make_inputs, rel_l2
+
+pytest.importorskip("jax._src.pallas.mosaic_gpu.interpret.params",
+                    reason="this JAX has no Mosaic GPU interpret mode (a private module in jax 0.10)")
+
+
+def _hbl(a):
+    return None if a is None else jnp.transpose(a, (2, 0, 1))  # (B, L, H) -> (H, B, L)
+
+
+@pytest.mark.parametrize("seqlen,ksize,dtype,precision,gated,layout,seqs", [
+    (1000, 1000, jnp.bfloat16, "bf16", True, "blh", 2),   # L padded to 1024; two programs per channel
+    (2048, 100, jnp.float16, "fp16", False, "hbl", 8),    # N = 4096, a partial filter
+    (300, 300, jnp.float32, "bf16", True, "hbl", 4),      # L padded to 512
+    (512, 37, jnp.float32, "fp16", True, "blh", 1),       # one sequence per program
+])
+def test_mosaic_matches_float64(seqlen, ksize, dtype, precision, gated, layout, seqs):
+    u, k, bias, pre, post = make_inputs(4, seqlen, 3, ksize, seed=seqlen)
+    if not gated:
+        pre = post = None
+    to = _hbl if layout == "hbl" else (lambda a: a)
+    cast = (lambda a: None if a is None else to(a).astype(dtype))
+    y = mosaic.fftconv_mosaic(cast(u), k, bias, cast(pre), cast(post), precision=precision, layout=layout,
+                              tuning=mosaic.Tuning(seqs_per_program=seqs))
+    assert y.dtype == dtype and y.shape == to(u).shape
+    y = jnp.transpose(y, (1, 2, 0)) if layout == "hbl" else y
+    ref = direct_causal_conv_np(*(None if a is None else np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))
+                                  for a in (u, k, bias, pre, post)))
+    err = rel_l2(y, ref)
+    assert err < ERROR_BOUNDS[precision] + OUTPUT_ROUNDING[jnp.dtype(dtype).name]
+    if precision == "bf16":  # the interpreter's wgmma really rounds its operands to bf16, as the GPU does
+        assert err > 1e-3
+
+
+def test_public_op_runs_the_wgmma_kernel():
+    u, k, bias, pre, post = make_inputs(2, 512, 3, 512, dtype=jnp.bfloat16)
+    eqns = [eqn for eqn, _ in equations(lambda *a: fftconv(*a[:3], pre_gate=a[3], post_gate=a[4], impl="mosaic"),
+                                        u, k, bias, pre, post)]
+    names = [eqn.primitive.name for eqn in eqns]
+    assert names.count("mpmd_map") == 1  # one kernel launch
+    accumulators = sorted(tuple(eqn.invars[0].aval.shape) for eqn in eqns if eqn.primitive.name == "wgmma_ref")
+    # first stage (Re; Im stacked) once, the two column stages 4 dots each, the last stage once; n2 = 16
+    assert accumulators == [(64, 16)] * 9 + [(128, 16)]
+    assert rel_l2(fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl="mosaic"),
+                  direct_causal_conv_np(*(np.asarray(a.astype(jnp.float32)) for a in (u, k, bias, pre, post)))) < 1e-2
+
+
+@pytest.mark.parametrize("layout", ["blh", "hbl"])
+def test_mosaic_gradient_is_the_jnp_fft_gradient(layout):
+    u, k, bias, pre, post = make_inputs(2, 256, 3, 256, seed=5)
+    w = make_inputs(2, 256, 3, 256, seed=6)[0]
+    to = _hbl if layout == "hbl" else (lambda a: a)
+
+    def loss(impl, *args):
+        u, k, bias, pre, post = args
+        y = fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl=impl, precision="bf16", layout=layout)
+        return jnp.sum(y * to(w))
+
+    args = (to(u), k, bias, to(pre), to(post))
+    got = jax.grad(lambda *a: loss("mosaic", *a), argnums=tuple(range(5)))(*args)
+    want = jax.grad(lambda *a: loss("xla", *a), argnums=tuple(range(5)))(*args)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seqlen", [512, 1024, 2048])
+@pytest.mark.parametrize("gated", [False, True])
+def test_mosaic_kernel_lowers_for_cuda(seqlen, gated):
+    u = jax.ShapeDtypeStruct((4, 8, seqlen), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((seqlen, 4), jnp.float32)
+    bias = jax.ShapeDtypeStruct((4,), jnp.float32)
+    gate = u if gated else None
+
+    def run(u, k, bias, pre, post):
+        return mosaic.fftconv_mosaic(u, k, bias, pre, post, precision="bf16", layout="hbl", interpret=False)
+
+    text = export.export(jax.jit(run), platforms=["cuda"])(u, k, bias, gate, gate).mlir_module()
+    assert "mosaic_gpu" in text
+
+
+def test_padded_length():
+    assert [mosaic.padded_length(n) for n in (1, 512, 513, 1024, 1500, 2048)] == [512, 512, 1024, 1024, 2048, 2048]
+    with pytest.raises(ValueError, match="L <= 2048"):
+        mosaic.padded_length(2049)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(precision=None), "precision 'bf16' or 'fp16', not 'fp32' \\(the default for fp32 input\\)"),
+    (dict(precision="bf16x3"), "not 'bf16x3'"),
+    (dict(precision="bf16", freq_mask=np.ones((1, 1), bool)), "a freq_mask needs"),
+])
+def test_mosaic_rejects_what_it_cannot_compute(kwargs, message):
+    u, k, *_ = make_inputs(1, 512, 2, 512)
+    with pytest.raises(FFTConvError, match=message):
+        fftconv(u, k, impl="mosaic", **kwargs)
+
+
+def test_mosaic_rejects_long_sequences():
+    u, k, *_ = make_inputs(1, 4096, 2, 16, dtype=jnp.bfloat16)
+    with pytest.raises(FFTConvError, match="L <= 2048; got L=4096"):
+        fftconv(u, k, impl="mosaic")
+
+
+def test_mosaic_rejects_what_does_not_fit_shared_memory():
+    u, k, *_ = make_inputs(1, 2048, 2, 16)  # fp32 input and gates: the staging buffers double
+    with pytest.raises(FFTConvError, match="needs 264 KiB of shared memory \\(limit 227 KiB\\)"):
+        fftconv(u, k, pre_gate=u, post_gate=u, impl="mosaic", precision="bf16")
+    assert mosaic.unsupported(2048, "bf16", jnp.bfloat16, 2) is None  # the headline case fits (208 KiB)
