@@ -55,7 +55,8 @@ VARIANTS = [  # the most promising first: a time budget cuts the tail
     ("inner rows 2", {"inner_rows": 2}),
     ("inner rows 32", {"inner_rows": 32}),
 ]
-# The Mosaic GPU wgmma kernel (impl="mosaic", L <= 2048; `kernels.fftconv.mosaic.Tuning` changes), forward.
+# The Mosaic GPU wgmma kernels (impl="mosaic", L <= 2048; `kernels.fftconv.mosaic.Tuning` changes): forward,
+# and the first also forward+backward.
 MOSAIC_VARIANTS = [("mosaic", {}), ("mosaic 16 seqs", {"seqs_per_program": 16}),
                    ("mosaic 2 seqs", {"seqs_per_program": 2})]
 # Also timed as forward+backward (grad w.r.t. u, k, bias and both gates), at the lengths where the 3-level
@@ -114,6 +115,8 @@ def main() -> int:
             # 3-level, the Mosaic kernel
             if applies("3-level", seqlen):
                 runs += [("fwdbwd", label, changes) for label, changes in every if label in GRAD_VARIANTS]
+            if applies("mosaic", seqlen):  # its backward kernel against the Triton one and jnp.fft's
+                runs += [("fwdbwd", label, changes) for label, changes in every[:2] + MOSAIC_VARIANTS[:1]]
             if overlap_save_chunk(seqlen, seqlen // 16):
                 runs += [("partial", label, changes) for label, changes in PARTIAL_VARIANTS]
                 runs += [("partial fwdbwd", label, changes) for label, changes in PARTIAL_VARIANTS]

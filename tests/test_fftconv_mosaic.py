@@ -1,5 +1,5 @@
-"""impl="mosaic" (the Hopper wgmma kernel, kernels/fftconv/mosaic.py): Mosaic GPU interpret mode on CPU against
-a float64 direct conv, the gradient, the errors, and that the kernel lowers for cuda."""
+"""impl="mosaic" (the Hopper wgmma kernels, kernels/fftconv/mosaic.py): Mosaic GPU interpret mode on CPU against
+a float64 direct conv and its gradients, the errors, and that forward and backward kernels lower for cuda."""
 
 from __future__ import annotations
 
@@ -62,37 +62,86 @@ def test_public_op_runs_the_wgmma_kernel():
                   direct_causal_conv_np(*(np.asarray(a.astype(jnp.float32)) for a in (u, k, bias, pre, post)))) < 1e-2
 
 
-@pytest.mark.parametrize("layout", ["blh", "hbl"])
-def test_mosaic_gradient_is_the_jnp_fft_gradient(layout):
-    u, k, bias, pre, post = make_inputs(2, 256, 3, 256, seed=5)
-    w = make_inputs(2, 256, 3, 256, seed=6)[0]
+def _grads_float64(u, k, bias, pre, post, w):
+    """Gradients of sum(w ⊙ y) w.r.t. (u, k, bias, pre, post) by direct shifted sums in float64 (B, L, H)."""
+    u, k, bias, w = (np.asarray(a, np.float64) for a in (u, k, bias, w))
+    pre = None if pre is None else np.asarray(pre, np.float64)
+    post = None if post is None else np.asarray(post, np.float64)
+    x = u * pre if pre is not None else u
+    dz = w * post if post is not None else w
+    dx = direct_causal_conv_np(dz[:, ::-1], k)[:, ::-1] + bias * dz        # correlation with k, + D skip
+    seqlen = u.shape[1]
+    dk = np.stack([np.einsum("blh,blh->h", dz[:, j:], x[:, :seqlen - j]) for j in range(k.shape[0])])
+    return (dx * pre if pre is not None else dx, dk, np.einsum("blh,blh->h", dz, x),
+            None if pre is None else dx * u, None if post is None else w * direct_causal_conv_np(x, k, bias))
+
+
+@pytest.mark.parametrize("seqlen,ksize,dtype,gates,layout,batch", [
+    (256, 256, jnp.float32, "both", "blh", 4),
+    (1000, 300, jnp.bfloat16, "both", "hbl", 10),  # two programs per channel: dk sums their partial spectra
+    (512, 512, jnp.float32, "none", "blh", 4),
+    (700, 700, jnp.float16, "pre", "hbl", 4),
+])
+def test_mosaic_gradients_match_float64(seqlen, ksize, dtype, gates, layout, batch):
+    u, k, bias, pre, post = make_inputs(batch, seqlen, 3, ksize, seed=5)
+    w = make_inputs(batch, seqlen, 3, ksize, seed=6)[0]
+    pre, post = (pre if gates in ("both", "pre") else None), (post if gates == "both" else None)
+    rounded = [None if a is None else a.astype(dtype) for a in (u, pre, post)]
     to = _hbl if layout == "hbl" else (lambda a: a)
+    precision = "fp16" if dtype == jnp.float16 else "bf16"
+
+    def loss(u, k, bias, pre, post):
+        y = fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl="mosaic", precision=precision, layout=layout)
+        return jnp.sum(y.astype(jnp.float32) * to(w))
+
+    args = (to(rounded[0]), k, bias, to(rounded[1]), to(rounded[2]))
+    present = tuple(i for i, a in enumerate(args) if a is not None)
+    assert sum(eqn.primitive.name == "mpmd_map" for eqn, _ in equations(
+        jax.grad(loss, argnums=present), *args)) == 2  # the forward kernel and the backward kernel
+    got = dict(zip(present, jax.grad(loss, argnums=present)(*args)))
+    f32 = [None if a is None else np.asarray(a.astype(jnp.float32)) for a in rounded]
+    want = _grads_float64(f32[0], k, bias, f32[1], f32[2], w)
+    bound = ERROR_BOUNDS[precision] + OUTPUT_ROUNDING[jnp.dtype(dtype).name]
+    for i in present:
+        g = got[i] if i in (1, 2) else to(got[i]) if layout == "blh" else jnp.transpose(got[i], (1, 2, 0))
+        assert g.dtype == args[i].dtype
+        assert rel_l2(g, want[i]) < bound, (i, rel_l2(g, want[i]))
+
+
+def test_backward_falls_back_to_jnp_fft_where_its_kernel_does_not_fit():
+    u, k, bias, pre, post = make_inputs(2, 2048, 2, 64, seed=7, dtype=jnp.bfloat16)
+    assert mosaic.unsupported(2048, "bf16", jnp.bfloat16, 2, "backward") is not None  # 280 KiB
+    assert mosaic.unsupported(1024, "bf16", jnp.bfloat16, 2, "backward") is None
 
     def loss(impl, *args):
-        u, k, bias, pre, post = args
-        y = fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl=impl, precision="bf16", layout=layout)
-        return jnp.sum(y * to(w))
+        return jnp.sum(fftconv(*args[:3], pre_gate=args[3], post_gate=args[4], impl=impl).astype(jnp.float32))
 
-    args = (to(u), k, bias, to(pre), to(post))
-    got = jax.grad(lambda *a: loss("mosaic", *a), argnums=tuple(range(5)))(*args)
+    args = (u, k, bias, pre, post)
+    grad = jax.grad(lambda *a: loss("mosaic", *a), argnums=tuple(range(5)))
+    assert sum(eqn.primitive.name == "mpmd_map" for eqn, _ in equations(grad, *args)) == 1  # forward only
     want = jax.grad(lambda *a: loss("xla", *a), argnums=tuple(range(5)))(*args)
-    for g, r in zip(got, want):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grad(*args), want):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("seqlen", [512, 1024, 2048])
 @pytest.mark.parametrize("gated", [False, True])
-def test_mosaic_kernel_lowers_for_cuda(seqlen, gated):
+def test_mosaic_kernels_lower_for_cuda(seqlen, gated):
     u = jax.ShapeDtypeStruct((4, 8, seqlen), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((seqlen, 4), jnp.float32)
     bias = jax.ShapeDtypeStruct((4,), jnp.float32)
     gate = u if gated else None
 
-    def run(u, k, bias, pre, post):
-        return mosaic.fftconv_mosaic(u, k, bias, pre, post, precision="bf16", layout="hbl", interpret=False)
+    def loss(u, k, bias, pre, post):
+        y = mosaic.fftconv_mosaic(u, k, bias, pre, post, precision="bf16", layout="hbl", interpret=False)
+        return jnp.sum(y.astype(jnp.float32))
 
-    text = export.export(jax.jit(run), platforms=["cuda"])(u, k, bias, gate, gate).mlir_module()
-    assert "mosaic_gpu" in text
+    args = (u, k, bias, gate, gate)
+    grad = jax.grad(loss, argnums=tuple(i for i, a in enumerate(args) if a is not None))
+    assert "mosaic_gpu" in export.export(jax.jit(loss), platforms=["cuda"])(*args).mlir_module()
+    backward_kernel = mosaic.unsupported(seqlen, "bf16", jnp.bfloat16, 2 * gated, "backward") is None
+    assert backward_kernel == (seqlen < 2048)  # L 2048: the backward falls back to jnp.fft (shared memory)
+    assert ("mosaic_gpu" in export.export(jax.jit(grad), platforms=["cuda"])(*args).mlir_module()) == backward_kernel
 
 
 def test_padded_length():

@@ -37,7 +37,7 @@ def test_smoke_run_writes_results_and_table(tmp_path, monkeypatch):
     assert {r["precision"] for r in checks if r["impl"] == "pallas"} >= {"fp32", "bf16x3", "bf16"}
     assert {(r["mode"], r["precision"]) for r in checks if r["impl"] == "mosaic"} == {("dense", "bf16"),
                                                                                      ("partial", "bf16")}
-    assert {r["group"] for r in bench if r["impl"] == "mosaic"} == {"fwd"}
+    assert {r["group"] for r in bench if r["impl"] == "mosaic"} == {"fwd", "fwdbwd"}
     assert {r["group"] for r in bench} == {"fwd", "fwdbwd"} and all("ms" in r for r in bench)
     assert all(r["ms"] > 0 and r["buffer_sets"] >= 2 for r in bench)
     xla = [r for r in bench if r["impl"] == "xla" and r["mode"] == "dense"]
@@ -146,9 +146,10 @@ def test_kernel_sweep_smoke_times_every_variant_against_the_default(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "kernel_sweep_cpu_smoke.jsonl").read_text().splitlines()][1:]
     by_len = {L: {(r["group"], r["variant"]) for r in rows if r["L"] == L and "ms" in r} for L in (256, 4096)}
     assert {("fwd", v) for v in ("xla", "default", "8 warps", "fused ch 2", "fused stack 2")} <= by_len[256]
-    assert ("fwd", "inner ch 1") not in by_len[256] and ("fwdbwd", "default") not in by_len[256]
+    assert ("fwd", "inner ch 1") not in by_len[256] and ("fwdbwd", "3-level fused") not in by_len[256]
     mosaic_runs = {("fwd", v) for v in ("mosaic", "mosaic 16 seqs", "mosaic 2 seqs")}
     assert mosaic_runs <= by_len[256] and not mosaic_runs & by_len[4096]  # the Mosaic kernel: L <= 2048
+    assert {("fwdbwd", v) for v in ("xla", "default", "mosaic")} <= by_len[256]
     assert {("fwd", v) for v in ("xla", "default", "fp32 planes", "inner ch 1", "3-level fused")} <= by_len[4096]
     assert {("fwdbwd", v) for v in ("xla", "default", "3-level fused")} <= by_len[4096]
     partial = ("xla", "default", "overlap-add partial")

@@ -23,8 +23,8 @@ Implementations (all compute the same function; see kernels/fftconv/conv.py and 
   "pallas"      the same factorisation as a fused Pallas kernel (interpret mode on CPU);
   "direct"      no FFT: one (L, L) Toeplitz matmul per channel, O(L²) (kernels/fftconv/toeplitz.py), for
                 short sequences; no freq_mask.
-  "mosaic"      a Hopper wgmma kernel in Pallas Mosaic GPU for L <= 2048 (kernels/fftconv/mosaic.py): forward
-                in one pass, bf16/fp16 operands only, no freq_mask; gradient via jnp.fft for now.
+  "mosaic"      Hopper wgmma kernels in Pallas Mosaic GPU for L <= 2048 (kernels/fftconv/mosaic.py): forward
+                and backward in one pass each, bf16/fp16 operands only, no freq_mask.
 Precision (`precision=`, matmul impls only; see kernels/fftconv/precision.py for the error bounds):
 "fp32" (alias "highest"), "bf16x3", "tf32" (GPU only), "fp16", "bf16"; None = the input dtype's own
 (bf16 → "bf16", fp16 → "fp16", fp32 → "fp32"). "xla" always computes an fp32 FFT (within every bound).

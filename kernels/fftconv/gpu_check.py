@@ -162,7 +162,8 @@ def bench_plan(shapes, smoke):
         mosaic_row = (("mosaic", "bf16"),) if runs("mosaic", "bf16", seqlen, None, "bfloat16") else ()
         plan += [("fwd", seqlen, "bfloat16", "dense", impl, p) for impl, p in headline + mosaic_row]
     for seqlen in lens:  # 2. forward + backward
-        plan += [("fwdbwd", seqlen, "bfloat16", "dense", impl, p) for impl, p in headline[:2]]
+        mosaic_row = (("mosaic", "bf16"),) if runs("mosaic", "bf16", seqlen, None, "bfloat16") else ()
+        plan += [("fwdbwd", seqlen, "bfloat16", "dense", impl, p) for impl, p in headline[:2] + mosaic_row]
     mode_lens = lens[:1] if smoke else [s for s in lens if s in (4096, 16384)]
     mode_impls = ("pallas",) if smoke else ("pallas", "xla-matmul")
     for seqlen in mode_lens:  # 3. partial and frequency-sparse against the same impl's dense row
@@ -304,7 +305,7 @@ def main(args) -> int:
     smoke = args.smoke
     shapes = SMOKE_SHAPES if smoke else {L: bh for L, bh in FULL_SHAPES.items() if L <= args.max_len}
     if smoke:
-        args.rotate_mb = min(args.rotate_mb, 1.0)
+        args.rotate_mb = min(args.rotate_mb, 0.02)  # a few sets: the Mosaic interpreter takes ~0.1 s a call
 
     def log(msg):
         print(f"[{time.perf_counter() - t_start:6.1f}s] {msg}", flush=True)

@@ -1,26 +1,32 @@
-"""Fused gated FFT conv for Hopper as a Pallas Mosaic GPU kernel (wgmma tensor-core dots), L ≤ 2048.
+"""Gated FFT conv for Hopper as Pallas Mosaic GPU kernels (wgmma tensor-core dots), L ≤ 2048.
 
 One program per (channel, batch tile) holds the channel's filter spectrum and the DFT constants in
-shared memory and loops over its sequences. Each sequence x = pre ⊙ u (zero-padded to N = 2·L_pad) is a
-(64, n2 = N/64) tile X[j1, j2], j = j1·n2 + j2, transformed from both sides, so no
-transpose is ever needed:
+shared memory and loops over its sequences (`_program`), the next sequence's tiles copied by TMA while
+the current one computes. Each real sequence (zero-padded to N = 2·L_pad) is a (64, n2 = N/64) tile
+X[j1, j2], j = j1·n2 + j2, transformed from both sides, so no transpose is ever needed (`_Ops`):
 
-    A = F₆₄·X ⊙ T ;  Y = A·F_n2 ;  Z = Y ⊙ K̂ ;  W = Z·conj(F_n2) ⊙ conj(T) ;  y = Re(conj(F₆₄)·W)/N
+    A = F₆₄·X ⊙ T ;  Y = A·F_n2           (transform: Y[k1, k2] = FFT_N(x)[k1 + 64·k2])
+    W = Z·conj(F_n2) ⊙ conj(T) ;  y = Re(conj(F₆₄)·W)/N      (inverse of a spectrum Z at [k1, k2])
 
-with T[k1, j2] = ω_N^{j2·k1} and the output frequency k = k1 + 64·k2 (K̂ is arranged the same way).
-Every dot is a `plgpu.wgmma` with 16-bit operands in swizzled shared memory and an fp32 accumulator
-(128 or 64 rows: the real and imaginary planes stacked, or one plane); twiddles, the spectrum product
-and the gates are fp32 on the accumulator. The zero half of the input is pruned from the first dot
-(K = 32) and only the first L outputs are stored. The D skip is folded into the spectrum
-(K̂ + bias is the spectrum of k + bias·δ), so the kernel reads u and the gates and writes y once.
+with T[k1, j2] = ω_N^{j2·k1}; K̂ is arranged the same way. Every dot is a `plgpu.wgmma` with 16-bit
+operands in swizzled shared memory and an fp32 accumulator (128 or 64 rows: the real and imaginary
+planes stacked, or one plane); twiddles, spectrum products and gates are fp32 on the accumulator. The
+zero half of the input is pruned from the first dot (K = 32) and only the first L outputs are stored.
+The D skip is folded into the spectrum (K̂ + bias is the spectrum of k + bias·δ).
+
+* forward: x = pre ⊙ u; y = post ⊙ inverse(transform(x)·K̂). Reads u and the gates, writes y once.
+* backward: with dz = post ⊙ dy, dx = inverse(transform(dz)·conj(K̂)) gives du = pre ⊙ dx and
+  dpre = u ⊙ dx; dpost = dy ⊙ inverse(transform(x)·K̂); each program adds conj(X)·DZ over its sequences
+  in fp32 and XLA sums the programs' spectra and takes one inverse FFT for dk (lags < K) and dbias (lag 0).
+  It reads u, the gates and dy once and writes du, dpre, dpost once. Where its buffers do not fit
+  shared memory (L 2048 for 16-bit inputs) the gradient is jnp.fft's (`reference.fftconv_xla`).
 
 Sizes: N = 64·n2 with n2 ∈ {16, 32, 64} (L_pad = 512, 1024, 2048); shorter L is zero-padded to 512 and
 L is padded to a power of two. Operands bf16 or fp16 (`precision`), error bounds as in `precision`.
 Layout "hbl" ((H, B, L): each sequence contiguous) runs with no transposes; "blh" is transposed around
-the kernel by XLA. The gradient (custom_vjp) is the jnp.fft conv's (`reference.fftconv_xla`) until a
-backward kernel exists. On CPU the kernel runs in Mosaic GPU interpret mode (simulated shared memory,
-TMA and barriers); `tests/test_fftconv_mosaic.py` checks it against a float64 direct conv and that it
-lowers for cuda. Speed on a GPU is measured by `scripts/gpu_kernel_sweep.py` (group "mosaic").
+the kernels by XLA. On CPU the kernels run in Mosaic GPU interpret mode (simulated shared memory, TMA
+and barriers); `tests/test_fftconv_mosaic.py` checks them against a float64 direct conv and its
+gradients and that they lower for cuda. Speed on a GPU: `scripts/gpu_kernel_sweep.py` (group "mosaic").
 """
 
 from __future__ import annotations
@@ -98,41 +104,76 @@ def spectrum(k, bias, n: int):
     return jnp.stack([grid.real, grid.imag], axis=1)
 
 
-def _kernel(n2: int, batch: int, seqs: int, dtype, out_dtype, gated_pre: bool, gated_post: bool):
-    """The kernel body for one (channel, batch tile) program; refs in the order `conv_hbl` passes them."""
-    half = ROWS // 2
-    f32 = jnp.float32
+@dataclasses.dataclass(frozen=True)
+class _Launch:
+    """Static shape of one kernel launch: per-sequence input and output tiles (by name), the real tiles
+    it transforms, and whether it also writes Σ conj(X)·DZ per program (the filter's gradient)."""
+    n2: int
+    batch: int
+    seqs: int            # sequences per program (a divisor of batch)
+    dtype: object        # dot operand dtype (bf16 / fp16)
+    io_dtype: object     # dtype of the input and output tiles in memory
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    transforms: int      # real tiles transformed per sequence (x; x and dz)
+    accumulates: bool
+
+    def buffers(self) -> list[tuple[tuple[int, ...], object]]:
+        """(shape, dtype) of every shared-memory buffer in the kernel's order; the DFT constants last."""
+        n2 = self.n2
+        consts = _dft_constants(n2)
+        return [
+            ((2, len(self.inputs), ROWS, n2), self.io_dtype),  # input tiles × 2 slots (first half: the data)
+            ((self.transforms, ROWS, n2), self.dtype),        # real tiles to transform (first half read)
+            ((2, ROWS, n2), jnp.float32),                     # K̂ (Re, Im)
+            ((2, ROWS, n2), self.dtype),                      # complex planes between the column dots
+            ((2 * ROWS, n2), self.dtype),                     # [Re W; Im W], the last dot's operand
+            ((len(self.outputs), ROWS, n2), self.io_dtype),   # output tiles (first half stored)
+            *[((2, ROWS, n2), jnp.float32)] * self.accumulates,  # Σ conj(X)·DZ
+            *[(consts[name].shape, self.dtype) for name in _MATRICES],
+            *[(consts[name].shape, jnp.float32) for name in _TWIDDLES],
+        ]
+
+    def shared_memory_bytes(self) -> int:
+        return sum(int(np.prod(shape)) * jnp.dtype(dt).itemsize for shape, dt in self.buffers())
+
+
+def _program(launch: _Launch, step):
+    """Kernel body for one (channel h, batch tile) program: DFT constants and h's spectrum loaded once,
+    then `launch.seqs` sequences, the next one's input tiles copied while `step` computes the current one.
+
+    step(ops, tile, acc_s) -> {output name: (64, n2) fp32 value}; `tile(name)` loads an input tile, `ops`
+    has the transforms (`_Ops`), acc_s is the Σ conj(X)·DZ buffer (or None). Refs arrive as: inputs,
+    spectrum, constants | outputs (then the accumulator) | scratch (`_Launch.buffers`), barriers."""
+    half, n2, seqs = ROWS // 2, launch.n2, launch.seqs
+    n_in, n_out, n_const = len(launch.inputs), len(launch.outputs), len(_MATRICES) + len(_TWIDDLES)
 
     def body(*refs):
-        ins, rest = refs[:-10], refs[-10:]
-        u_g, spec_g = ins[0], ins[1]
-        pre_g = ins[2] if gated_pre else None
-        post_g = ins[2 + gated_pre] if gated_post else None
-        const_g = ins[2 + gated_pre + gated_post:]
-        out_g, (u_s, x_s, spec_s, planes_s, inv_s, out_s, const_s, bars, in_bars) = rest[0], rest[1:]
-        first, cols_re, cols_im, cols_im_neg, last, tw_re_s, tw_im_s = const_s
+        in_g, spec_g, const_g = refs[:n_in], refs[n_in], refs[n_in + 1:n_in + 1 + n_const]
+        refs = refs[n_in + 1 + n_const:]
+        out_g, acc_g = refs[:n_out], refs[n_out] if launch.accumulates else None
+        refs = refs[n_out + launch.accumulates:]
+        stage_s, tiles_s, spec_s, planes_s, inv_s, out_s = refs[:6]
+        acc_s = refs[6] if launch.accumulates else None
+        refs = refs[6 + launch.accumulates:]
+        const_s, bars, in_bars = refs[:n_const], refs[n_const], refs[n_const + 1]
         h, tile = jax.lax.axis_index("h"), jax.lax.axis_index("b")
         for i, (src, dst) in enumerate(zip(const_g, const_s)):
             plgpu.copy_gmem_to_smem(src, dst, bars.at[i])
-        for part in range(2):        # Re, Im planes of K̂ (one 3-D copy would need too many TMA dims)
-            plgpu.copy_gmem_to_smem(spec_g.at[2 * h + part], spec_s.at[part], bars.at[len(const_s) + part])
-        streams = [g for g in (u_g, pre_g, post_g) if g is not None]
+        for part in range(2):  # Re, Im planes of K̂ (one 3-D copy would need too many TMA dimensions)
+            plgpu.copy_gmem_to_smem(spec_g.at[2 * h + part], spec_s.at[part], bars.at[n_const + part])
 
         def fetch(i, slot):
-            for j, g in enumerate(streams):
-                plgpu.copy_gmem_to_smem(g.at[h * batch + tile * seqs + i], u_s.at[slot, j, :half], in_bars.at[slot])
+            for j, g in enumerate(in_g):
+                plgpu.copy_gmem_to_smem(g.at[h * launch.batch + tile * seqs + i], stage_s.at[slot, j, :half],
+                                        in_bars.at[slot])
 
         fetch(0, 0)
-        for i in range(len(const_s) + 2):
+        for i in range(n_const + 2):
             plgpu.barrier_wait(bars.at[i])
-        tw_re, tw_im = tw_re_s[...], tw_im_s[...]
-
-        def matmul(pairs, rows, cols):
-            def run(acc):
-                for a, b in pairs:
-                    plgpu.wgmma(acc, a, b)
-                return acc[...]
-            return pl.run_scoped(run, plgpu.ACC((rows, cols), f32))
+        ops = _Ops(const_s, spec_s, planes_s, inv_s, tiles_s, launch.dtype)
+        if launch.accumulates:  # zeros in the accumulator's register layout (a splat cannot be stored there)
+            acc_s[0] = acc_s[1] = ops.tw_re * 0.0
 
         def sequence(i, carry):
             slot = i % 2
@@ -142,41 +183,115 @@ def _kernel(n2: int, batch: int, seqs: int, dtype, out_dtype, gated_pre: bool, g
             def _():
                 fetch(i + 1, 1 - slot)
 
-            x = u_s[slot, 0].astype(f32)
-            if gated_pre:
-                x = x * u_s[slot, 1].astype(f32)
-            x_s[...] = x.astype(dtype)
+            results = step(ops, lambda name: stage_s[slot, launch.inputs.index(name)].astype(jnp.float32), acc_s)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous outputs have left out_s
+            for j, name in enumerate(launch.outputs):
+                out_s[j] = results[name].astype(out_s.dtype)
             plgpu.commit_smem()
-            a = matmul([(first, x_s.at[:half])], 2 * ROWS, n2)                # F₆₄·X, (Re; Im)
-            a_re, a_im = a[:ROWS], a[ROWS:]
-            planes_s[0] = (a_re * tw_re - a_im * tw_im).astype(dtype)          # ⊙ T
-            planes_s[1] = (a_re * tw_im + a_im * tw_re).astype(dtype)
-            plgpu.commit_smem()
-            b_re, b_im = planes_s.at[0], planes_s.at[1]
-            y_re = matmul([(b_re, cols_re), (b_im, cols_im_neg)], ROWS, n2)   # ·F_n2
-            y_im = matmul([(b_re, cols_im), (b_im, cols_re)], ROWS, n2)
-            k_re, k_im = spec_s[0], spec_s[1]
-            planes_s[0] = (y_re * k_re - y_im * k_im).astype(dtype)            # ⊙ K̂
-            planes_s[1] = (y_re * k_im + y_im * k_re).astype(dtype)
-            plgpu.commit_smem()
-            w_re = matmul([(b_re, cols_re), (b_im, cols_im)], ROWS, n2)        # ·conj(F_n2)
-            w_im = matmul([(b_im, cols_re), (b_re, cols_im_neg)], ROWS, n2)
-            inv_s[:ROWS] = (w_re * tw_re + w_im * tw_im).astype(dtype)         # ⊙ conj(T)
-            inv_s[ROWS:] = (w_im * tw_re - w_re * tw_im).astype(dtype)
-            plgpu.commit_smem()
-            y = matmul([(last, inv_s)], ROWS, n2)                              # Re(conj(F₆₄)·W)/N
-            if gated_post:
-                y = y * u_s[slot, len(streams) - 1].astype(f32)
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)                    # out_s read out
-            out_s[...] = y.astype(out_dtype)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_s.at[:half], out_g.at[h * batch + tile * seqs + i])
+            for j, g in enumerate(out_g):
+                plgpu.copy_smem_to_gmem(out_s.at[j, :half], g.at[h * launch.batch + tile * seqs + i])
             return carry
 
         jax.lax.fori_loop(0, seqs, sequence, 0)
+        if launch.accumulates:
+            plgpu.commit_smem()
+            for part in range(2):
+                plgpu.copy_smem_to_gmem(acc_s.at[part], acc_g.at[2 * (h * (launch.batch // seqs) + tile) + part])
         plgpu.wait_smem_to_gmem(0)
 
     return body
+
+
+class _Ops:
+    """The transforms of one sequence, on (64, n2) fp32 register tiles, with shared memory as scratch."""
+
+    def __init__(self, const_s, spec_s, planes_s, inv_s, tiles_s, dtype):
+        self.first, self.cols_re, self.cols_im, self.cols_im_neg, self.last, tw_re, tw_im = const_s
+        self.tw_re, self.tw_im = tw_re[...], tw_im[...]
+        self.k_re, self.k_im = spec_s[0], spec_s[1]
+        self.planes_s, self.inv_s, self.tiles_s, self.dtype = planes_s, inv_s, tiles_s, dtype
+
+    @staticmethod
+    def _dot(pairs, rows, cols):
+        def run(acc):
+            for a, b in pairs:
+                plgpu.wgmma(acc, a, b)
+            return acc[...]
+        return pl.run_scoped(run, plgpu.ACC((rows, cols), jnp.float32))
+
+    def transform(self, index: int, x):
+        """FFT_N of the real tile x (first 32 rows: the sequence) via tiles_s[index]: (Re, Im) at [k1, k2]."""
+        n2, dt = x.shape[1], self.dtype
+        self.tiles_s[index] = x.astype(dt)
+        plgpu.commit_smem()
+        a = self._dot([(self.first, self.tiles_s.at[index, :ROWS // 2])], 2 * ROWS, n2)   # F₆₄·X, (Re; Im)
+        a_re, a_im = a[:ROWS], a[ROWS:]
+        self.planes_s[0] = (a_re * self.tw_re - a_im * self.tw_im).astype(dt)         # ⊙ T
+        self.planes_s[1] = (a_re * self.tw_im + a_im * self.tw_re).astype(dt)
+        plgpu.commit_smem()
+        b_re, b_im = self.planes_s.at[0], self.planes_s.at[1]
+        return (self._dot([(b_re, self.cols_re), (b_im, self.cols_im_neg)], ROWS, n2),  # ·F_n2
+                self._dot([(b_re, self.cols_im), (b_im, self.cols_re)], ROWS, n2))
+
+    def inverse(self, z_re, z_im):
+        """Re IFFT_N of the spectrum (z_re, z_im) at [k1, k2]: (64, n2), its first 32 rows the output."""
+        n2, dt = z_re.shape[1], self.dtype
+        self.planes_s[0] = z_re.astype(dt)
+        self.planes_s[1] = z_im.astype(dt)
+        plgpu.commit_smem()
+        b_re, b_im = self.planes_s.at[0], self.planes_s.at[1]
+        w_re = self._dot([(b_re, self.cols_re), (b_im, self.cols_im)], ROWS, n2)           # ·conj(F_n2)
+        w_im = self._dot([(b_im, self.cols_re), (b_re, self.cols_im_neg)], ROWS, n2)
+        self.inv_s[:ROWS] = (w_re * self.tw_re + w_im * self.tw_im).astype(dt)         # ⊙ conj(T)
+        self.inv_s[ROWS:] = (w_im * self.tw_re - w_re * self.tw_im).astype(dt)
+        plgpu.commit_smem()
+        return self._dot([(self.last, self.inv_s)], ROWS, n2)                          # Re(conj(F₆₄)·W)/N
+
+    def filtered(self, re, im, conjugate: bool = False):
+        """(re + i·im)·K̂, or ·conj(K̂)."""
+        k_im = -self.k_im if conjugate else self.k_im
+        return re * self.k_re - im * k_im, re * k_im + im * self.k_re
+
+
+def _forward_step(pre: bool, post: bool):
+    """y = post ⊙ IFFT(FFT(pre ⊙ u)·K̂) for one sequence."""
+    def step(ops, tile, acc_s):
+        del acc_s
+        x = tile("u") * tile("pre") if pre else tile("u")
+        y = ops.inverse(*ops.filtered(*ops.transform(0, x)))
+        return {"y": y * tile("post") if post else y}
+    return step
+
+
+def _backward_step(pre: bool, post: bool):
+    """du, dpre, dpost for one sequence (dz = post ⊙ dy, dx = IFFT(conj(K̂)·DZ)); adds conj(X)·DZ to acc_s."""
+    def step(ops, tile, acc_s):
+        u, dy = tile("u"), tile("dy")
+        x = u * tile("pre") if pre else u
+        x_re, x_im = ops.transform(0, x)
+        out = {}
+        if post:
+            out["dpost"] = dy * ops.inverse(*ops.filtered(x_re, x_im))      # dy ⊙ (k ∗ x + bias·x)
+        dz_re, dz_im = ops.transform(1, dy * tile("post") if post else dy)
+        acc_s[0] = acc_s[0] + (x_re * dz_re + x_im * dz_im)                  # conj(X)·DZ
+        acc_s[1] = acc_s[1] + (x_re * dz_im - x_im * dz_re)
+        dx = ops.inverse(*ops.filtered(dz_re, dz_im, conjugate=True))
+        out["du"] = dx * tile("pre") if pre else dx
+        if pre:
+            out["dpre"] = dx * u
+        return out
+    return step
+
+
+def _launch(kind: str, n2: int, batch: int, precision: str, io_dtype, pre: bool, post: bool,
+            tuning: Tuning = TUNING) -> _Launch:
+    gates = ("pre",) * pre + ("post",) * post
+    fields = dict(inputs=("u", *gates), outputs=("y",), transforms=1, accumulates=False)
+    if kind == "backward":
+        fields = dict(inputs=("u", *gates, "dy"), outputs=("du",) + ("dpre",) * pre + ("dpost",) * post,
+                      transforms=2, accumulates=True)
+    return _Launch(n2=n2, batch=batch, seqs=_batch_tile(batch, tuning.seqs_per_program),
+                   dtype=_OPERAND[precision], io_dtype=jnp.dtype(io_dtype), **fields)
 
 
 def _interpret_params():
@@ -190,80 +305,88 @@ def _batch_tile(batch: int, target: int) -> int:
     return max(d for d in range(1, min(batch, target) + 1) if batch % d == 0)
 
 
-def _buffers(n2: int, streams: int, in_dtype, out_dtype, dtype) -> list[tuple[tuple[int, ...], object]]:
-    """(shape, dtype) of every shared-memory buffer, in the kernel's order; the constants last."""
-    return [
-        ((2, streams, ROWS, n2), in_dtype),  # u, pre, post × 2 slots (first half: the sequence)
-        ((ROWS, n2), dtype),                 # x = pre ⊙ u, the first dot's operand (first half read)
-        ((2, ROWS, n2), jnp.float32),        # K̂ (Re, Im)
-        ((2, ROWS, n2), dtype),              # complex planes between the column dots
-        ((2 * ROWS, n2), dtype),             # [Re W; Im W], the last dot's operand
-        ((ROWS, n2), out_dtype),             # output tile (first half stored)
-        *[(m.shape, dtype) for m in (_dft_constants(n2)[name] for name in _MATRICES)],
-        *[(t.shape, jnp.float32) for t in (_dft_constants(n2)[name] for name in _TWIDDLES)],
-    ]
-
-
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes of dynamic shared memory one block may use on H100/H200
 
 
-def unsupported(seqlen: int, precision: str, in_dtype, gates: int = 2) -> str | None:
-    """Why this kernel cannot run the case (None if it can): precision, length or shared memory."""
+def unsupported(seqlen: int, precision: str, in_dtype, gates: int = 2, kind: str = "forward") -> str | None:
+    """Why the `kind` kernel cannot run the case (None if it can): precision, length or shared memory."""
     if precision not in PRECISIONS:
         return f"impl='mosaic' runs 16-bit tensor-core operands: precision 'bf16' or 'fp16', not {precision!r}"
     if seqlen > MAX_LEN:
         return f"impl='mosaic' runs L <= {MAX_LEN}; got L={seqlen}"
     n2 = 2 * padded_length(seqlen) // ROWS
-    need = sum(int(np.prod(shape)) * jnp.dtype(dt).itemsize
-               for shape, dt in _buffers(n2, 1 + gates, in_dtype, in_dtype, _OPERAND[precision]))
+    need = _launch(kind, n2, 1, precision, in_dtype, gates > 0, gates > 1).shared_memory_bytes()
     if need > SHARED_MEMORY_LIMIT:
-        return (f"impl='mosaic' at L={seqlen} with {jnp.dtype(in_dtype).name} input and {gates} gate(s) needs "
-                f"{need // 1024} KiB of shared memory (limit {SHARED_MEMORY_LIMIT // 1024} KiB): use 16-bit inputs")
+        return (f"impl='mosaic' ({kind}) at L={seqlen} with {jnp.dtype(in_dtype).name} input and {gates} gate(s) "
+                f"needs {need // 1024} KiB of shared memory (limit {SHARED_MEMORY_LIMIT // 1024} KiB)")
     return None
 
 
-def conv_hbl(x, spec, pre, post, *, precision: str, out_dtype, interpret: bool, tuning: Tuning = TUNING):
-    """y (H, B, L_pad) = post ⊙ Re IFFT(FFT(pre ⊙ x) · spec) for x (H, B, L_pad); spec from `spectrum`."""
-    channels, batch, seqlen = x.shape
-    n2 = 2 * seqlen // ROWS
-    half = ROWS // 2
-    dtype = _OPERAND[precision]
-    seqs = _batch_tile(batch, tuning.seqs_per_program)
+def _run(launch: _Launch, step, tiles: dict, spec, *, channels: int, interpret: bool):
+    """Launch over (channels, batch tiles): tiles name -> (H·B, 32, n2) arrays; returns the output tiles
+    (and the per-program Σ conj(X)·DZ, (H, tiles, 2, 64, n2), when the launch accumulates)."""
+    n2, half = launch.n2, ROWS // 2
     consts = _dft_constants(n2)
-    matrices = [jnp.asarray(consts[name], dtype) for name in _MATRICES]
-    twiddles = [jnp.asarray(consts[name], jnp.float32) for name in _TWIDDLES]
-    streams = [a.reshape(channels * batch, half, n2) for a in (x, pre, post) if a is not None]  # row h·B + b
-    swizzle = min(n2, ROWS // 2) * jnp.dtype(dtype).itemsize  # one swizzle for all dot operands (K = 32 fits)
-    # every buffer tiled and swizzled: register tiles move to and from it in the accumulator's layout
-    buffers = [plgpu.SMEM(shape, dt, transforms=_transforms(shape[-2:], dt, 128 if dt == jnp.float32 else swizzle))
-               for shape, dt in _buffers(n2, len(streams), x.dtype, out_dtype, dtype)]
-    scratch = [*buffers[:6], buffers[6:],
-               plgpu.Barrier(num_barriers=len(matrices) + len(twiddles) + 2),
-               plgpu.Barrier(num_arrivals=len(streams), num_barriers=2)]  # one arrival per stream copied
+    constants = ([jnp.asarray(consts[name], launch.dtype) for name in _MATRICES]
+                 + [jnp.asarray(consts[name], jnp.float32) for name in _TWIDDLES])
+    swizzle = min(n2, ROWS // 2) * jnp.dtype(launch.dtype).itemsize  # one swizzle for all dot operands
+
+    def smem(shape, dt):  # tiled and swizzled: register tiles move in and out in the accumulator's layout
+        dt_swizzle = min(n2 * 4, 128) if dt == jnp.float32 else swizzle
+        return plgpu.SMEM(shape, dt, transforms=_transforms(shape[-2:], dt, dt_swizzle))
+
+    buffers = [smem(shape, dt) for shape, dt in launch.buffers()]
+    scratch = [*buffers,
+               plgpu.Barrier(num_barriers=len(constants) + 2),
+               plgpu.Barrier(num_arrivals=len(launch.inputs), num_barriers=2)]  # one arrival per tile copied
+    rows = channels * launch.batch
+    programs = launch.batch // launch.seqs
+    out_type = [jax.ShapeDtypeStruct((rows, half, n2), launch.io_dtype) for _ in launch.outputs]
+    if launch.accumulates:
+        out_type.append(jax.ShapeDtypeStruct((channels * programs * 2, ROWS, n2), jnp.float32))
     kernel = plgpu.kernel(
-        _kernel(n2, batch, seqs, dtype, out_dtype, pre is not None, post is not None),
-        out_type=jax.ShapeDtypeStruct((channels * batch, half, n2), out_dtype),
-        grid=(channels, batch // seqs), grid_names=("h", "b"),
+        _program(launch, step), out_type=tuple(out_type),
+        grid=(channels, programs), grid_names=("h", "b"),
         scratch_types=scratch, compiler_params=plgpu.CompilerParams(),
         interpret=_interpret_params() if interpret else None)
-    spec = spec.reshape(channels * 2, ROWS, n2)  # row 2h + (0: Re, 1: Im)
-    return kernel(*streams[:1], spec, *streams[1:], *matrices, *twiddles).reshape(channels, batch, seqlen)
+    outs = kernel(*[tiles[name] for name in launch.inputs], spec.reshape(channels * 2, ROWS, n2), *constants)
+    if launch.accumulates:
+        *outs, acc = outs
+        return list(outs), acc.reshape(channels, programs, 2, ROWS, n2)
+    return list(outs)
+
+
+def _hbl_tiles(layout: str, seqlen: int, padded: int, dtype, **arrays) -> dict:
+    """name -> (H·B, 32, n2) tiles of each (layout-ordered) array, zero-padded to `padded` samples."""
+    tiles = {}
+    for name, a in arrays.items():
+        if a is not None:
+            a = a if layout == "hbl" else jnp.transpose(a, (2, 0, 1))
+            a = jnp.pad(a.astype(dtype), ((0, 0), (0, 0), (0, padded - seqlen)))
+            tiles[name] = a.reshape(a.shape[0] * a.shape[1], ROWS // 2, 2 * padded // ROWS)
+    return tiles
+
+
+def _from_tiles(t, like_hbl: tuple[int, int, int], seqlen: int, layout: str):
+    channels, batch, _ = like_hbl
+    y = t.reshape(channels, batch, -1)[..., :seqlen]
+    return y if layout == "hbl" else jnp.transpose(y, (1, 2, 0))
+
+
+def _shape_hbl(u, layout: str) -> tuple[int, int, int]:
+    return u.shape if layout == "hbl" else (u.shape[2], u.shape[0], u.shape[1])
 
 
 def _forward(u, k, bias, pre, post, precision, layout, interpret, tuning):
     seqlen = u.shape[_conv.seq_axis(layout)]
     padded = padded_length(seqlen)
-    spec = spectrum(k, bias, 2 * padded)
-
-    def to_hbl(a):
-        if a is None:
-            return None
-        a = a if layout == "hbl" else jnp.transpose(a, (2, 0, 1))
-        return jnp.pad(a.astype(u.dtype), ((0, 0), (0, 0), (0, padded - seqlen)))
-
-    y = conv_hbl(to_hbl(u), spec, to_hbl(pre), to_hbl(post), precision=precision, out_dtype=u.dtype,
-                 interpret=interpret, tuning=tuning)[..., :seqlen]
-    return y if layout == "hbl" else jnp.transpose(y, (1, 2, 0))
+    shape = _shape_hbl(u, layout)
+    launch = _launch("forward", 2 * padded // ROWS, shape[1], precision, u.dtype, pre is not None,
+                     post is not None, tuning)
+    tiles = _hbl_tiles(layout, seqlen, padded, u.dtype, u=u, pre=pre, post=post)
+    (y,) = _run(launch, _forward_step(pre is not None, post is not None), tiles, spectrum(k, bias, 2 * padded),
+                channels=shape[0], interpret=interpret)
+    return _from_tiles(y, shape, seqlen, layout)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
@@ -276,7 +399,7 @@ def _conv_fwd(u, k, bias, pre, post, precision, layout, interpret, tuning):
 
 
 def _xla_in_layout(layout):
-    """fftconv_xla taking and returning `layout` (the gradient's reference computation)."""
+    """fftconv_xla taking and returning `layout` (the gradient where the backward kernel does not fit)."""
     def run(u, k, bias, pre, post):
         u, pre, post = (_conv.as_blh(a, layout) for a in (u, pre, post))
         return _conv.from_blh(fftconv_xla(u, k, bias, pre, post), layout)
@@ -284,8 +407,26 @@ def _xla_in_layout(layout):
 
 
 def _conv_bwd(precision, layout, interpret, tuning, res, dy):
-    _, vjp = jax.vjp(_xla_in_layout(layout), *res)
-    return vjp(dy)
+    u, k, bias, pre, post = res
+    seqlen = u.shape[_conv.seq_axis(layout)]
+    gates = (pre is not None) + (post is not None)
+    if unsupported(seqlen, precision, u.dtype, gates, "backward"):
+        _, vjp = jax.vjp(_xla_in_layout(layout), *res)
+        return vjp(dy)
+    padded = padded_length(seqlen)
+    n = 2 * padded
+    shape = _shape_hbl(u, layout)
+    launch = _launch("backward", n // ROWS, shape[1], precision, u.dtype, pre is not None, post is not None, tuning)
+    tiles = _hbl_tiles(layout, seqlen, padded, u.dtype, u=u, pre=pre, post=post, dy=dy)
+    outs, acc = _run(launch, _backward_step(pre is not None, post is not None), tiles, spectrum(k, bias, n),
+                     channels=shape[0], interpret=interpret)
+    grads = {name: _from_tiles(t, shape, seqlen, layout) for name, t in zip(launch.outputs, outs)}
+    dspec = acc.sum(axis=1)                                                   # (H, 2, k1, k2)
+    dspec = (dspec[:, 0] + 1j * dspec[:, 1]).transpose(0, 2, 1).reshape(shape[0], n)  # natural frequency order
+    dk_full = jnp.fft.ifft(dspec, axis=1).real                               # (H, N): Σ_b corr(x_b, dz_b)
+    dk = dk_full[:, :k.shape[0]].T.astype(k.dtype)
+    dbias = None if bias is None else dk_full[:, 0].astype(bias.dtype)       # bias adds δ to the filter
+    return grads["du"], dk, dbias, grads.get("dpre"), grads.get("dpost")
 
 
 _mosaic_conv.defvjp(_conv_fwd, _conv_bwd)
