@@ -6,14 +6,15 @@
 #   PARTS="fftconv mqar" OUT=/tmp/gpu bash scripts/gpu_session.sh
 #   PARTS=decode DECODE_RUN=runs/ts_hyena_2k-dl0.01 OUT=... bash scripts/gpu_session.sh
 #
-# PARTS (default "sweep fftconv lm_step mqar", in that order; seconds are the limits, ~10 s of overhead):
-#   sweep    140  scripts/gpu_kernel_sweep.py: launch settings of the Pallas kernels (issue 9)
-#   fftconv  190  scripts/gpu_check.py: correctness vs float64 at L 16K (the 1K checks took 47 s and all
-#                 passed on 2026-11-28) + kernel table (issue 9 items 1-7)
+# PARTS (default "sweep fftconv lm_step", in that order; seconds are the limits, ~10 s of overhead):
+#   sweep    140  scripts/gpu_kernel_sweep.py: launch settings of the Pallas kernels, the Mosaic GPU kernels
+#                 (impl "mosaic") at 1K first (issue 9)
+#   fftconv  250  scripts/gpu_check.py: correctness vs float64 at L 1K (every impl, Mosaic included: the
+#                 table only takes impls that passed; ~60 s) and 16K + kernel table (issue 9 items 1-7)
 #   lm_step  130  scripts/bench_lm_gpu.py: 153M Hyena train step with fftconv pallas/xla x layout hbl/blh,
 #                 against cuDNN flash attention, at 4K then 16K (issue 9 item 8)
 #   mqar     100  longconv mqar on configs/mqar/zoology.yaml, L 64/128, d_model 64-256, resuming from the
-#                 committed $MQAR_DIR/results.jsonl (issue 10 item 4)
+#                 committed $MQAR_DIR/results.jsonl (issue 10 item 4; resolved, so not in the default PARTS)
 #   decode    60  scripts/bench_decode.py on $DECODE_RUN (issue 12 item 5; not in the default PARTS)
 # Everything ends up in $OUT/results.tgz (the device tool returns at most 8 files).
 set -u
@@ -40,11 +41,11 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,
   >"$RES/versions.txt" 2>&1
 cat "$RES/versions.txt"
 
-for name in ${PARTS:-sweep fftconv lm_step mqar}; do
+for name in ${PARTS:-sweep fftconv lm_step}; do
   case $name in
     sweep) part sweep 140 "$PY" scripts/gpu_kernel_sweep.py --budget-s 110 --out "$RES/sweep" ;;
-    fftconv) part fftconv 190 "$PY" scripts/gpu_check.py --budget-s 150 --check-lens 16384 --max-len 1048576 \
-      --out "$RES/fftconv" ;;
+    fftconv) part fftconv 250 "$PY" scripts/gpu_check.py --budget-s 210 --check-lens 1024 16384 --max-len 1048576 \
+      --out "$RES/fftconv" --write-table --table "$RES/fftconv/tuned.json" ;;  # winners: copy to kernels/fftconv/
     lm_step) part lm_step 130 "$PY" scripts/bench_lm_gpu.py --models hyena,attention --seqlens 4096,16384 \
       --fftconv-impls pallas,xla --hyena-layouts hbl,blh --steps 5 --out "$RES/lm_step" ;;
     mqar)
