@@ -58,7 +58,8 @@ VARIANTS = [  # the most promising first: a time budget cuts the tail
 # The Mosaic GPU wgmma kernels (impl="mosaic", L <= 2048; `kernels.fftconv.mosaic.Tuning` changes): forward,
 # and the first also forward+backward.
 MOSAIC_VARIANTS = [("mosaic", {}), ("mosaic 16 seqs", {"seqs_per_program": 16}),
-                   ("mosaic 2 seqs", {"seqs_per_program": 2})]
+                   ("mosaic 2 seqs", {"seqs_per_program": 2}),
+                   ("mosaic constants in smem", {"constants_in_registers": False})]
 # Also timed as forward+backward (grad w.r.t. u, k, bias and both gates), at the lengths where the 3-level
 # fused kernels apply.
 GRAD_VARIANTS = ("xla", "default", "3-level fused")

@@ -43,7 +43,8 @@ cat "$RES/versions.txt"
 
 for name in ${PARTS:-sweep fftconv lm_step}; do
   case $name in
-    sweep) part sweep 140 "$PY" scripts/gpu_kernel_sweep.py --budget-s 110 --out "$RES/sweep" ;;
+    sweep) part sweep 140 env MOSAIC_GPU_DUMP_PTXAS=1 "$PY" scripts/gpu_kernel_sweep.py --budget-s 110 \
+      --out "$RES/sweep" ;;  # ptxas -v of the Mosaic kernels (registers, spills) lands in sweep.log
     fftconv) part fftconv 250 "$PY" scripts/gpu_check.py --budget-s 210 --check-lens 1024 16384 --max-len 1048576 \
       --out "$RES/fftconv" --write-table --table "$RES/fftconv/tuned.json" ;;  # winners: copy to kernels/fftconv/
     lm_step) part lm_step 130 "$PY" scripts/bench_lm_gpu.py --models hyena,attention --seqlens 4096,16384 \

@@ -76,13 +76,13 @@ def _grads_float64(u, k, bias, pre, post, w):
             None if pre is None else dx * u, None if post is None else w * direct_causal_conv_np(x, k, bias))
 
 
-@pytest.mark.parametrize("seqlen,ksize,dtype,gates,layout,batch", [
-    (256, 256, jnp.float32, "both", "blh", 4),
-    (1000, 300, jnp.bfloat16, "both", "hbl", 10),  # two programs per channel: dk sums their partial spectra
-    (512, 512, jnp.float32, "none", "blh", 4),
-    (700, 700, jnp.float16, "pre", "hbl", 4),
+@pytest.mark.parametrize("seqlen,ksize,dtype,gates,layout,batch,resident", [
+    (256, 256, jnp.float32, "both", "blh", 4, None),
+    (1000, 300, jnp.bfloat16, "both", "hbl", 10, None),  # two programs per channel: dk sums their spectra
+    (512, 512, jnp.float32, "none", "blh", 4, False),    # twiddles and K̂ read from shared memory
+    (700, 700, jnp.float16, "pre", "hbl", 4, True),
 ])
-def test_mosaic_gradients_match_float64(seqlen, ksize, dtype, gates, layout, batch):
+def test_mosaic_gradients_match_float64(seqlen, ksize, dtype, gates, layout, batch, resident):
     u, k, bias, pre, post = make_inputs(batch, seqlen, 3, ksize, seed=5)
     w = make_inputs(batch, seqlen, 3, ksize, seed=6)[0]
     pre, post = (pre if gates in ("both", "pre") else None), (post if gates == "both" else None)
@@ -91,7 +91,8 @@ def test_mosaic_gradients_match_float64(seqlen, ksize, dtype, gates, layout, bat
     precision = "fp16" if dtype == jnp.float16 else "bf16"
 
     def loss(u, k, bias, pre, post):
-        y = fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl="mosaic", precision=precision, layout=layout)
+        y = mosaic.fftconv_mosaic(u, k, bias, pre, post, precision=precision, layout=layout,
+                                  tuning=mosaic.Tuning(constants_in_registers=resident))
         return jnp.sum(y.astype(jnp.float32) * to(w))
 
     args = (to(rounded[0]), k, bias, to(rounded[1]), to(rounded[2]))
@@ -132,8 +133,11 @@ def test_mosaic_kernels_lower_for_cuda(seqlen, gated):
     bias = jax.ShapeDtypeStruct((4,), jnp.float32)
     gate = u if gated else None
 
+    tuning = mosaic.Tuning(constants_in_registers=False if seqlen == 1024 else None)  # both ways at 1K
+
     def loss(u, k, bias, pre, post):
-        y = mosaic.fftconv_mosaic(u, k, bias, pre, post, precision="bf16", layout="hbl", interpret=False)
+        y = mosaic.fftconv_mosaic(u, k, bias, pre, post, precision="bf16", layout="hbl", interpret=False,
+                                  tuning=tuning)
         return jnp.sum(y.astype(jnp.float32))
 
     args = (u, k, bias, gate, gate)

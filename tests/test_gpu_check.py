@@ -147,7 +147,7 @@ def test_kernel_sweep_smoke_times_every_variant_against_the_default(tmp_path):
     by_len = {L: {(r["group"], r["variant"]) for r in rows if r["L"] == L and "ms" in r} for L in (256, 4096)}
     assert {("fwd", v) for v in ("xla", "default", "8 warps", "fused ch 2", "fused stack 2")} <= by_len[256]
     assert ("fwd", "inner ch 1") not in by_len[256] and ("fwdbwd", "3-level fused") not in by_len[256]
-    mosaic_runs = {("fwd", v) for v in ("mosaic", "mosaic 16 seqs", "mosaic 2 seqs")}
+    mosaic_runs = {("fwd", v) for v in ("mosaic", "mosaic 16 seqs", "mosaic 2 seqs", "mosaic constants in smem")}
     assert mosaic_runs <= by_len[256] and not mosaic_runs & by_len[4096]  # the Mosaic kernel: L <= 2048
     assert {("fwdbwd", v) for v in ("xla", "default", "mosaic")} <= by_len[256]
     assert {("fwd", v) for v in ("xla", "default", "fp32 planes", "inner ch 1", "3-level fused")} <= by_len[4096]

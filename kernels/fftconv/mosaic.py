@@ -53,8 +53,11 @@ _OPERAND = {"bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 @dataclasses.dataclass(frozen=True)
 class Tuning:
-    """Launch settings: sequences per program (a divisor of the batch is used)."""
+    """Launch settings: sequences per program (a divisor of the batch is used); whether the twiddles and
+    the spectrum stay in registers for the whole program (4·64·n2/128 fp32 registers per thread) or are
+    read from shared memory at each use (None: in registers for n2 <= 32, i.e. L <= 1024)."""
     seqs_per_program: int = 8
+    constants_in_registers: bool | None = None
 
 
 TUNING = Tuning()
@@ -117,6 +120,7 @@ class _Launch:
     outputs: tuple[str, ...]
     transforms: int      # real tiles transformed per sequence (x; x and dz)
     accumulates: bool
+    resident_constants: bool = True  # twiddles and K̂ in registers (`Tuning.constants_in_registers`)
 
     def buffers(self) -> list[tuple[tuple[int, ...], object]]:
         """(shape, dtype) of every shared-memory buffer in the kernel's order; the DFT constants last."""
@@ -171,7 +175,7 @@ def _program(launch: _Launch, step):
         fetch(0, 0)
         for i in range(n_const + 2):
             plgpu.barrier_wait(bars.at[i])
-        ops = _Ops(const_s, spec_s, planes_s, inv_s, tiles_s, launch.dtype)
+        ops = _Ops(const_s, spec_s, planes_s, inv_s, tiles_s, launch.dtype, launch.resident_constants)
         if launch.accumulates:  # zeros in the accumulator's register layout (a splat cannot be stored there)
             acc_s[0] = acc_s[1] = ops.tw_re * 0.0
 
@@ -205,11 +209,20 @@ def _program(launch: _Launch, step):
 class _Ops:
     """The transforms of one sequence, on (64, n2) fp32 register tiles, with shared memory as scratch."""
 
-    def __init__(self, const_s, spec_s, planes_s, inv_s, tiles_s, dtype):
+    def __init__(self, const_s, spec_s, planes_s, inv_s, tiles_s, dtype, resident: bool):
         self.first, self.cols_re, self.cols_im, self.cols_im_neg, self.last, tw_re, tw_im = const_s
-        self.tw_re, self.tw_im = tw_re[...], tw_im[...]
-        self.k_re, self.k_im = spec_s[0], spec_s[1]
+        elementwise = (tw_re, tw_im, spec_s.at[0], spec_s.at[1])
+        if resident:  # loaded once, held in registers
+            values = [ref[...] for ref in elementwise]
+            self._get = values.__getitem__
+        else:         # read from shared memory at each use
+            self._get = lambda i: elementwise[i][...]
         self.planes_s, self.inv_s, self.tiles_s, self.dtype = planes_s, inv_s, tiles_s, dtype
+
+    tw_re = property(lambda self: self._get(0))
+    tw_im = property(lambda self: self._get(1))
+    k_re = property(lambda self: self._get(2))
+    k_im = property(lambda self: self._get(3))
 
     @staticmethod
     def _dot(pairs, rows, cols):
@@ -290,8 +303,10 @@ def _launch(kind: str, n2: int, batch: int, precision: str, io_dtype, pre: bool,
     if kind == "backward":
         fields = dict(inputs=("u", *gates, "dy"), outputs=("du",) + ("dpre",) * pre + ("dpost",) * post,
                       transforms=2, accumulates=True)
+    resident = tuning.constants_in_registers
     return _Launch(n2=n2, batch=batch, seqs=_batch_tile(batch, tuning.seqs_per_program),
-                   dtype=_OPERAND[precision], io_dtype=jnp.dtype(io_dtype), **fields)
+                   dtype=_OPERAND[precision], io_dtype=jnp.dtype(io_dtype),
+                   resident_constants=n2 <= 32 if resident is None else resident, **fields)
 
 
 def _interpret_params():
