@@ -25,14 +25,9 @@ def _hbl(a):
     return None if a is None else jnp.transpose(a, (2, 0, 1))  # (B, L, H) -> (H, B, L)
 
 
-@pytest.mark.parametrize("seqlen,ksize,dtype,precision,gated,layout,seqs", [
-    (1000, 1000, jnp.bfloat16, "bf16", True, "blh", 2),   # L padded to 1024; two programs per channel
-    (2048, 100, jnp.float16, "fp16", False, "hbl", 8),    # N = 4096, a partial filter
-    (300, 300, jnp.float32, "bf16", True, "hbl", 4),      # L padded to 512
-    (512, 37, jnp.float32, "fp16", True, "blh", 1),       # one sequence per program
-])
-def test_mosaic_matches_float64(seqlen, ksize, dtype, precision, gated, layout, seqs):
-    u, k, bias, pre, post = make_inputs(4, seqlen, 3, ksize, seed=seqlen)
+def _against_float64(seqlen, ksize, dtype, precision, gated, layout, seqs, batch, channels):
+    """(y as (B, L, H), the float64 direct conv of the same rounded inputs, the error bound)."""
+    u, k, bias, pre, post = make_inputs(batch, seqlen, channels, ksize, seed=seqlen + ksize)
     if not gated:
         pre = post = None
     to = _hbl if layout == "hbl" else (lambda a: a)
@@ -43,10 +38,54 @@ def test_mosaic_matches_float64(seqlen, ksize, dtype, precision, gated, layout, 
     y = jnp.transpose(y, (1, 2, 0)) if layout == "hbl" else y
     ref = direct_causal_conv_np(*(None if a is None else np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))
                                   for a in (u, k, bias, pre, post)))
+    return y, ref, ERROR_BOUNDS[precision] + OUTPUT_ROUNDING[jnp.dtype(dtype).name]
+
+
+@pytest.mark.parametrize("seqlen,ksize,dtype,precision,gated,layout,seqs", [
+    (1000, 1000, jnp.bfloat16, "bf16", True, "blh", 2),   # L padded to 1024; two programs per channel
+    (2048, 600, jnp.float16, "fp16", False, "hbl", 8),    # N = 4096; a partial filter too long for windows
+    (300, 300, jnp.float32, "bf16", True, "hbl", 4),      # L padded to 512
+    (512, 37, jnp.float32, "fp16", True, "blh", 1),       # one sequence per program
+])
+def test_mosaic_matches_float64(seqlen, ksize, dtype, precision, gated, layout, seqs):
+    assert not mosaic.geometry(seqlen, ksize).window
+    y, ref, bound = _against_float64(seqlen, ksize, dtype, precision, gated, layout, seqs, batch=4, channels=3)
     err = rel_l2(y, ref)
-    assert err < ERROR_BOUNDS[precision] + OUTPUT_ROUNDING[jnp.dtype(dtype).name]
+    assert err < bound
     if precision == "bf16":  # the interpreter's wgmma really rounds its operands to bf16, as the GPU does
         assert err > 1e-3
+
+
+@pytest.mark.parametrize("seqlen,ksize,dtype,gated,layout,seqs", [
+    (2048, 100, jnp.bfloat16, True, "blh", 2),   # C 512: 4 chunks, two sequences per program
+    (3000, 300, jnp.float16, True, "hbl", 8),    # L not a multiple of C: padded to 6 chunks
+    (8192, 1024, jnp.bfloat16, False, "hbl", 1),  # C 1024 (n2 32): 8 chunks, a filter as long as a chunk
+    (4096, 513, jnp.float32, True, "blh", 4),    # K just over 512: C 1024
+])
+def test_mosaic_overlap_save_matches_float64(seqlen, ksize, dtype, gated, layout, seqs):
+    geo = mosaic.geometry(seqlen, ksize)
+    assert geo.window and geo.chunks == -(-seqlen // (32 * geo.n2)) and geo.chunks >= 4
+    precision = "fp16" if dtype == jnp.float16 else "bf16"
+    y, ref, bound = _against_float64(seqlen, ksize, dtype, precision, gated, layout, seqs, batch=2, channels=2)
+    assert rel_l2(y, ref) < bound
+    head = 32 * geo.n2  # the first chunk alone: its window's masked half must not leak in
+    assert rel_l2(y[:, :head], ref[:, :head]) < bound
+
+
+def test_overlap_save_runs_windows_of_two_chunks():
+    u, k, bias, pre, post = make_inputs(2, 2048, 2, 100, dtype=jnp.bfloat16)
+    eqns = [eqn for eqn, _ in equations(lambda *a: fftconv(*a[:3], pre_gate=a[3], post_gate=a[4], impl="mosaic"),
+                                        u, k, bias, pre, post)]
+    (kernel,) = [eqn for eqn in eqns if eqn.primitive.name == "mpmd_map"]
+    shapes = [tuple(v.aval.shape) for v in kernel.invars]
+    # u, pre, post as 16 rows (2 sequences × 2 channels × 4 chunks) of one 512-sample chunk each; N = 1024
+    assert shapes[:3] == [(16, 32, 16)] * 3
+    assert (128, 64) in shapes  # the first DFT stage reads the whole 2-chunk window (64 rows), Re; Im
+    assert (64, 16) in shapes[-1:]  # and the window's second-half mask comes last
+    assert rel_l2(fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl="mosaic"),
+                  direct_causal_conv_np(*(np.asarray(a.astype(jnp.float32)) for a in (u, k, bias, pre, post)))) < 1e-2
+    assert mosaic.geometry(2048, 100) == mosaic.Geometry(n2=16, chunks=4, padded=2048)
+    assert mosaic.geometry(2048, 600) == mosaic.Geometry(n2=64, chunks=1, padded=2048)  # 4C > L: dense
 
 
 def test_public_op_runs_the_wgmma_kernel():
@@ -110,7 +149,7 @@ def test_mosaic_gradients_match_float64(seqlen, ksize, dtype, gates, layout, bat
 
 
 def test_backward_falls_back_to_jnp_fft_where_its_kernel_does_not_fit():
-    u, k, bias, pre, post = make_inputs(2, 2048, 2, 64, seed=7, dtype=jnp.bfloat16)
+    u, k, bias, pre, post = make_inputs(2, 2048, 2, 2048, seed=7, dtype=jnp.bfloat16)
     assert mosaic.unsupported(2048, "bf16", jnp.bfloat16, 2, "backward") is not None  # 280 KiB
     assert mosaic.unsupported(1024, "bf16", jnp.bfloat16, 2, "backward") is None
 
@@ -148,6 +187,20 @@ def test_mosaic_kernels_lower_for_cuda(seqlen, gated):
     assert ("mosaic_gpu" in export.export(jax.jit(grad), platforms=["cuda"])(*args).mlir_module()) == backward_kernel
 
 
+@pytest.mark.parametrize("seqlen,ksize,gated", [(4096, 100, True), (8192, 1024, False), (8192, 1024, True)])
+def test_overlap_save_kernel_lowers_for_cuda(seqlen, ksize, gated):
+    u = jax.ShapeDtypeStruct((4, 8, seqlen), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((ksize, 4), jnp.float32)
+    bias = jax.ShapeDtypeStruct((4,), jnp.float32)
+    gate = u if gated else None
+
+    def run(u, k, bias, pre, post):
+        return mosaic.fftconv_mosaic(u, k, bias, pre, post, precision="bf16", layout="hbl", interpret=False)
+
+    assert mosaic.geometry(seqlen, ksize).window
+    assert "mosaic_gpu" in export.export(jax.jit(run), platforms=["cuda"])(u, k, bias, gate, gate).mlir_module()
+
+
 def test_padded_length():
     assert [mosaic.padded_length(n) for n in (1, 512, 513, 1024, 1500, 2048)] == [512, 512, 1024, 1024, 2048, 2048]
     with pytest.raises(ValueError, match="L <= 2048"):
@@ -165,14 +218,16 @@ def test_mosaic_rejects_what_it_cannot_compute(kwargs, message):
         fftconv(u, k, impl="mosaic", **kwargs)
 
 
-def test_mosaic_rejects_long_sequences():
-    u, k, *_ = make_inputs(1, 4096, 2, 16, dtype=jnp.bfloat16)
-    with pytest.raises(FFTConvError, match="L <= 2048; got L=4096"):
+@pytest.mark.parametrize("seqlen,ksize", [(4096, 4096), (4096, 2048), (8192, 1025)])
+def test_mosaic_rejects_long_sequences_with_long_filters(seqlen, ksize):
+    u, k, *_ = make_inputs(1, seqlen, 2, ksize, dtype=jnp.bfloat16)
+    with pytest.raises(FFTConvError, match=f"L <= 2048, or any L with a filter of K <= 1024 and K <= L/4 "
+                                           f"\\(overlap-save\\); got L={seqlen}, K={ksize}"):
         fftconv(u, k, impl="mosaic")
 
 
 def test_mosaic_rejects_what_does_not_fit_shared_memory():
-    u, k, *_ = make_inputs(1, 2048, 2, 16)  # fp32 input and gates: the staging buffers double
+    u, k, *_ = make_inputs(1, 2048, 2, 2048)  # fp32 input and gates: the staging buffers double
     with pytest.raises(FFTConvError, match="needs 264 KiB of shared memory \\(limit 227 KiB\\)"):
         fftconv(u, k, pre_gate=u, post_gate=u, impl="mosaic", precision="bf16")
     assert mosaic.unsupported(2048, "bf16", jnp.bfloat16, 2) is None  # the headline case fits (208 KiB)

@@ -150,6 +150,7 @@ def test_kernel_sweep_smoke_times_every_variant_against_the_default(tmp_path):
     mosaic_runs = {("fwd", v) for v in ("mosaic", "mosaic 16 seqs", "mosaic 2 seqs", "mosaic constants in smem")}
     assert mosaic_runs <= by_len[256] and not mosaic_runs & by_len[4096]  # the Mosaic kernel: L <= 2048
     assert {("fwdbwd", v) for v in ("xla", "default", "mosaic")} <= by_len[256]
+    assert {("partial", "mosaic"), ("partial fwdbwd", "mosaic")} <= by_len[4096]  # overlap-save windows
     assert {("fwd", v) for v in ("xla", "default", "fp32 planes", "inner ch 1", "3-level fused")} <= by_len[4096]
     assert {("fwdbwd", v) for v in ("xla", "default", "3-level fused")} <= by_len[4096]
     partial = ("xla", "default", "overlap-add partial")

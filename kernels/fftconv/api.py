@@ -23,8 +23,9 @@ Implementations (all compute the same function; see kernels/fftconv/conv.py and 
   "pallas"      the same factorisation as a fused Pallas kernel (interpret mode on CPU);
   "direct"      no FFT: one (L, L) Toeplitz matmul per channel, O(L²) (kernels/fftconv/toeplitz.py), for
                 short sequences; no freq_mask.
-  "mosaic"      Hopper wgmma kernels in Pallas Mosaic GPU for L <= 2048 (kernels/fftconv/mosaic.py): forward
-                and backward in one pass each, bf16/fp16 operands only, no freq_mask.
+  "mosaic"      Hopper wgmma kernels in Pallas Mosaic GPU (kernels/fftconv/mosaic.py): L <= 2048 forward and
+                backward in one pass each; any L with K <= min(1024, L/4) as one overlap-save forward pass
+                (gradient via jnp.fft); bf16/fp16 operands only, no freq_mask.
 Precision (`precision=`, matmul impls only; see kernels/fftconv/precision.py for the error bounds):
 "fp32" (alias "highest"), "bf16x3", "tf32" (GPU only), "fp16", "bf16"; None = the input dtype's own
 (bf16 → "bf16", fp16 → "fp16", fp32 → "fp32"). "xla" always computes an fp32 FFT (within every bound).
@@ -101,7 +102,7 @@ def _mosaic(u, k, bias=None, pre_gate=None, post_gate=None, *, freq_mask=None, p
                            "or 'pallas'")
     precision = _precision.resolve(precision, u.dtype)
     reason = mosaic.unsupported(u.shape[_conv.seq_axis(layout)], precision, u.dtype,
-                                (pre_gate is not None) + (post_gate is not None))
+                                (pre_gate is not None) + (post_gate is not None), ksize=k.shape[0])
     if reason:
         default = " (the default for fp32 input)" if precision == "fp32" and u.dtype == jnp.float32 else ""
         raise FFTConvError(f"fftconv: {reason}{default}")

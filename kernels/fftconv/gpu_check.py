@@ -97,9 +97,11 @@ def variants(dtype: str, smoke: bool = False):
     return out
 
 
-def runs(impl: str, p, seqlen: int, mask, dtype: str) -> bool:
-    """Whether `impl` computes this case (impl="mosaic": no freq_mask, L <= 2048, what fits its shared memory)."""
-    return impl != "mosaic" or (mask is None and mosaic.unsupported(seqlen, p, getattr(jnp, dtype)) is None)
+def runs(impl: str, p, seqlen: int, ksize: int, mask, dtype: str) -> bool:
+    """Whether `impl` computes this case (impl="mosaic": no freq_mask, L <= 2048 or K <= min(1024, L/4),
+    what fits its shared memory)."""
+    return impl != "mosaic" or (mask is None and mosaic.unsupported(seqlen, p, getattr(jnp, dtype),
+                                                                    ksize=ksize) is None)
 
 
 def correctness(seqlens, batch, channels, log, smoke=False):
@@ -111,7 +113,7 @@ def correctness(seqlens, batch, channels, log, smoke=False):
                 ref = reference(u, k, bias, pre, post, mask)
                 for impl, p in variants(dtype, smoke):
                     if (mode != "dense" and p != prec.default_for(dtype) and impl != "xla") or not runs(
-                            impl, p, seqlen, mask, dtype):
+                            impl, p, seqlen, ksize, mask, dtype):
                         continue  # modes at the default precision; every precision is checked dense
                     jax.clear_caches()
                     y = fftconv(u, k, bias, pre_gate=pre, post_gate=post, freq_mask=mask, impl=impl, precision=p)
@@ -159,15 +161,16 @@ def bench_plan(shapes, smoke):
     plan = []
     headline = (("xla", None), ("pallas", "bf16")) + (() if smoke else (("xla-matmul", "bf16"), ("pallas", "fp16")))
     for seqlen in lens:  # 1. the headline: bf16 gated forward (the Mosaic kernel where it runs)
-        mosaic_row = (("mosaic", "bf16"),) if runs("mosaic", "bf16", seqlen, None, "bfloat16") else ()
+        mosaic_row = (("mosaic", "bf16"),) if runs("mosaic", "bf16", seqlen, seqlen, None, "bfloat16") else ()
         plan += [("fwd", seqlen, "bfloat16", "dense", impl, p) for impl, p in headline + mosaic_row]
     for seqlen in lens:  # 2. forward + backward
-        mosaic_row = (("mosaic", "bf16"),) if runs("mosaic", "bf16", seqlen, None, "bfloat16") else ()
+        mosaic_row = (("mosaic", "bf16"),) if runs("mosaic", "bf16", seqlen, seqlen, None, "bfloat16") else ()
         plan += [("fwdbwd", seqlen, "bfloat16", "dense", impl, p) for impl, p in headline[:2] + mosaic_row]
     mode_lens = lens[:1] if smoke else [s for s in lens if s in (4096, 16384)]
     mode_impls = ("pallas",) if smoke else ("pallas", "xla-matmul")
     for seqlen in mode_lens:  # 3. partial and frequency-sparse against the same impl's dense row
-        plan += [("fwd", seqlen, "bfloat16", mode, impl, "bf16") for mode, *_ in modes(seqlen)[1:] for impl in mode_impls]
+        plan += [("fwd", seqlen, "bfloat16", mode, impl, "bf16") for mode, ksize, mask in modes(seqlen)[1:]
+                 for impl in mode_impls + ("mosaic",) if runs(impl, "bf16", seqlen, ksize, mask, "bfloat16")]
         plan += [] if smoke else [("fwd", seqlen, "bfloat16", "partial", "xla", None)]
     fp32 = () if smoke else (("xla", None), ("pallas", "fp32"), ("pallas", "bf16x3"), ("pallas", "tf32"))
     for seqlen in lens:  # 4. fp32 inputs: the fp32-accurate candidates

@@ -1,4 +1,5 @@
-"""Gated FFT conv for Hopper as Pallas Mosaic GPU kernels (wgmma tensor-core dots), L ≤ 2048.
+"""Gated FFT conv for Hopper as Pallas Mosaic GPU kernels (wgmma tensor-core dots): L ≤ 2048, or any L
+with a filter of K ≤ min(1024, L/4) (overlap-save).
 
 One program per (channel, batch tile) holds the channel's filter spectrum and the DFT constants in
 shared memory and loops over its sequences (`_program`), the next sequence's tiles copied by TMA while
@@ -15,14 +16,19 @@ zero half of the input is pruned from the first dot (K = 32) and only the first 
 The D skip is folded into the spectrum (K̂ + bias is the spectrum of k + bias·δ).
 
 * forward: x = pre ⊙ u; y = post ⊙ inverse(transform(x)·K̂). Reads u and the gates, writes y once.
+* forward, overlap-save (`geometry`: C = max(512, next_pow2(K)) ≤ 1024, 4C ≤ L): each chunk of C samples
+  is the second half of a 2C-point window whose first half is the previous chunk (zero before chunk 0):
+  the first dot reads all 64 rows, and rows 32..63 of the inverse, which no wrap-around reaches since
+  K ≤ C, are the chunk's output. Reads u and pre twice (as a chunk and as the next one's previous), post
+  and y once; any L (padded to a multiple of C). Its gradient is jnp.fft's.
 * backward: with dz = post ⊙ dy, dx = inverse(transform(dz)·conj(K̂)) gives du = pre ⊙ dx and
   dpre = u ⊙ dx; dpost = dy ⊙ inverse(transform(x)·K̂); each program adds conj(X)·DZ over its sequences
   in fp32 and XLA sums the programs' spectra and takes one inverse FFT for dk (lags < K) and dbias (lag 0).
   It reads u, the gates and dy once and writes du, dpre, dpost once. Where its buffers do not fit
   shared memory (L 2048 for 16-bit inputs) the gradient is jnp.fft's (`reference.fftconv_xla`).
 
-Sizes: N = 64·n2 with n2 ∈ {16, 32, 64} (L_pad = 512, 1024, 2048); shorter L is zero-padded to 512 and
-L is padded to a power of two. Operands bf16 or fp16 (`precision`), error bounds as in `precision`.
+Sizes: N = 64·n2 with n2 ∈ {16, 32, 64} (dense: L_pad = 512, 1024, 2048; shorter L is zero-padded to 512
+and L is padded to a power of two). Operands bf16 or fp16 (`precision`), error bounds as in `precision`.
 Layout "hbl" ((H, B, L): each sequence contiguous) runs with no transposes; "blh" is transposed around
 the kernels by XLA. On CPU the kernels run in Mosaic GPU interpret mode (simulated shared memory, TMA
 and barriers); `tests/test_fftconv_mosaic.py` checks them against a float64 direct conv and its
@@ -78,24 +84,32 @@ def _transforms(shape, dtype, swizzle: int):
 
 
 @functools.lru_cache(maxsize=None)
-def _dft_constants(n2: int) -> dict[str, np.ndarray]:
-    """DFT blocks for N = 64·n2 (float64): first stage (re; im rows) over the nonzero input rows only,
-    F_n2 planes (and −Im), the last stage [Re | Im] of conj(F₆₄) with 1/N, and the twiddle planes."""
+def _dft_constants(n2: int, window: bool = False) -> dict[str, np.ndarray]:
+    """DFT blocks for N = 64·n2 (float64): the first stage (Re; Im rows) over the input rows it reads (the
+    first 32, or all 64 for an overlap-save window), F_n2 planes (and −Im), the last stage [Re | Im] of
+    conj(F₆₄) with 1/N, the twiddle planes, and for a window the mask of its second half (rows 32..63)."""
     n = ROWS * n2
     w_rows = np.exp(-2j * np.pi * np.outer(np.arange(ROWS), np.arange(ROWS)) / ROWS)
     w_cols = np.exp(-2j * np.pi * np.outer(np.arange(n2), np.arange(n2)) / n2)
     twiddle = np.exp(-2j * np.pi * np.outer(np.arange(ROWS), np.arange(n2)) / n)  # [k1, j2]
-    half = ROWS // 2
-    return {
-        "first": np.concatenate([w_rows.real[:, :half], w_rows.imag[:, :half]], axis=0),  # (128, 32)
-        "cols_re": w_cols.real, "cols_im": w_cols.imag, "cols_im_neg": -w_cols.imag,        # (n2, n2)
-        "last": np.concatenate([w_rows.real, w_rows.imag], axis=1) / n,                     # (64, 128)
-        "tw_re": twiddle.real, "tw_im": twiddle.imag,                                       # (64, n2)
+    rows_in = ROWS if window else ROWS // 2
+    consts = {
+        "first": np.concatenate([w_rows.real[:, :rows_in], w_rows.imag[:, :rows_in]], axis=0),  # (128, rows_in)
+        "cols_re": w_cols.real, "cols_im": w_cols.imag, "cols_im_neg": -w_cols.imag,              # (n2, n2)
+        "last": np.concatenate([w_rows.real, w_rows.imag], axis=1) / n,                           # (64, 128)
+        "tw_re": twiddle.real, "tw_im": twiddle.imag,                                             # (64, n2)
     }
+    if window:
+        consts["second_half"] = np.repeat((np.arange(ROWS) >= ROWS // 2)[:, None], n2, axis=1).astype(float)
+    return consts
 
 
 _MATRICES = ("first", "cols_re", "cols_im", "cols_im_neg", "last")
-_TWIDDLES = ("tw_re", "tw_im")
+
+
+def _elementwise(window: bool) -> tuple[str, ...]:
+    """The fp32 constants applied on the accumulator (after the DFT matrices, in the kernel's order)."""
+    return ("tw_re", "tw_im") + (("second_half",) if window else ())
 
 
 def spectrum(k, bias, n: int):
@@ -121,21 +135,32 @@ class _Launch:
     transforms: int      # real tiles transformed per sequence (x; x and dz)
     accumulates: bool
     resident_constants: bool = True  # twiddles and K̂ in registers (`Tuning.constants_in_registers`)
+    chunks: int = 1      # > 1: overlap-save, each sequence as chunks of 32·n2 samples, one 2-chunk window each
+    window: bool = False  # each item is a window [previous chunk; chunk] (rows 0-31; 32-63), outputs rows 32-63
+
+    @property
+    def constant_names(self) -> tuple[str, ...]:
+        return _MATRICES + _elementwise(self.window)
+
+    @property
+    def copies(self) -> int:
+        """TMA copies per item: one per input tile, two (previous and own chunk) for windowed u and pre."""
+        return sum(2 if self.window and name != "post" else 1 for name in self.inputs)
 
     def buffers(self) -> list[tuple[tuple[int, ...], object]]:
         """(shape, dtype) of every shared-memory buffer in the kernel's order; the DFT constants last."""
         n2 = self.n2
-        consts = _dft_constants(n2)
+        consts = _dft_constants(n2, self.window)
         return [
-            ((2, len(self.inputs), ROWS, n2), self.io_dtype),  # input tiles × 2 slots (first half: the data)
-            ((self.transforms, ROWS, n2), self.dtype),        # real tiles to transform (first half read)
+            ((2, len(self.inputs), ROWS, n2), self.io_dtype),  # input tiles × 2 slots
+            ((self.transforms, ROWS, n2), self.dtype),        # real tiles to transform
             ((2, ROWS, n2), jnp.float32),                     # K̂ (Re, Im)
             ((2, ROWS, n2), self.dtype),                      # complex planes between the column dots
             ((2 * ROWS, n2), self.dtype),                     # [Re W; Im W], the last dot's operand
             ((len(self.outputs), ROWS, n2), self.io_dtype),   # output tiles (first half stored)
             *[((2, ROWS, n2), jnp.float32)] * self.accumulates,  # Σ conj(X)·DZ
             *[(consts[name].shape, self.dtype) for name in _MATRICES],
-            *[(consts[name].shape, jnp.float32) for name in _TWIDDLES],
+            *[(consts[name].shape, jnp.float32) for name in _elementwise(self.window)],
         ]
 
     def shared_memory_bytes(self) -> int:
@@ -146,11 +171,18 @@ def _program(launch: _Launch, step):
     """Kernel body for one (channel h, batch tile) program: DFT constants and h's spectrum loaded once,
     then `launch.seqs` sequences, the next one's input tiles copied while `step` computes the current one.
 
-    step(ops, tile, acc_s) -> {output name: (64, n2) fp32 value}; `tile(name)` loads an input tile, `ops`
-    has the transforms (`_Ops`), acc_s is the Σ conj(X)·DZ buffer (or None). Refs arrive as: inputs,
-    spectrum, constants | outputs (then the accumulator) | scratch (`_Launch.buffers`), barriers."""
-    half, n2, seqs = ROWS // 2, launch.n2, launch.seqs
-    n_in, n_out, n_const = len(launch.inputs), len(launch.outputs), len(_MATRICES) + len(_TWIDDLES)
+    An item is a sequence, or with `launch.chunks` > 1 one chunk of a sequence (GMEM row
+    (h·B + b)·chunks + c of each (H·B·chunks, 32, n2) input): items run in order, so a window's previous
+    chunk is the row before its own (chunk 0's is copied too and masked out by the step).
+
+    step(ops, tile, acc_s, chunk) -> {output name: (64, n2) fp32 value}; `tile(name)` loads an input tile,
+    `ops` has the transforms (`_Ops`), acc_s is the Σ conj(X)·DZ buffer (or None), chunk the item's chunk
+    index. Refs arrive as: inputs, spectrum, constants | outputs (then the accumulator) | scratch
+    (`_Launch.buffers`), barriers."""
+    half, n2 = ROWS // 2, launch.n2
+    items = launch.seqs * launch.chunks
+    n_in, n_out, n_const = len(launch.inputs), len(launch.outputs), len(launch.constant_names)
+    out_rows = slice(half, ROWS) if launch.window else slice(0, half)
 
     def body(*refs):
         in_g, spec_g, const_g = refs[:n_in], refs[n_in], refs[n_in + 1:n_in + 1 + n_const]
@@ -167,15 +199,24 @@ def _program(launch: _Launch, step):
         for part in range(2):  # Re, Im planes of K̂ (one 3-D copy would need too many TMA dimensions)
             plgpu.copy_gmem_to_smem(spec_g.at[2 * h + part], spec_s.at[part], bars.at[n_const + part])
 
+        first_row = (h * launch.batch + tile * launch.seqs) * launch.chunks
+
         def fetch(i, slot):
-            for j, g in enumerate(in_g):
-                plgpu.copy_gmem_to_smem(g.at[h * launch.batch + tile * seqs + i], stage_s.at[slot, j, :half],
-                                        in_bars.at[slot])
+            row = first_row + i
+            for j, (name, g) in enumerate(zip(launch.inputs, in_g)):
+                if not launch.window:
+                    plgpu.copy_gmem_to_smem(g.at[row], stage_s.at[slot, j, :half], in_bars.at[slot])
+                    continue
+                if name != "post":  # the previous chunk (chunk 0: its own, masked out by the step)
+                    previous = row - jnp.asarray(i % launch.chunks > 0, jnp.int32)
+                    plgpu.copy_gmem_to_smem(g.at[previous], stage_s.at[slot, j, :half], in_bars.at[slot])
+                plgpu.copy_gmem_to_smem(g.at[row], stage_s.at[slot, j, half:], in_bars.at[slot])
 
         fetch(0, 0)
         for i in range(n_const + 2):
             plgpu.barrier_wait(bars.at[i])
-        ops = _Ops(const_s, spec_s, planes_s, inv_s, tiles_s, launch.dtype, launch.resident_constants)
+        ops = _Ops(const_s, spec_s, planes_s, inv_s, tiles_s, launch.dtype, launch.resident_constants,
+                   rows_in=ROWS if launch.window else half)
         if launch.accumulates:  # zeros in the accumulator's register layout (a splat cannot be stored there)
             acc_s[0] = acc_s[1] = ops.tw_re * 0.0
 
@@ -183,24 +224,26 @@ def _program(launch: _Launch, step):
             slot = i % 2
             plgpu.barrier_wait(in_bars.at[slot])
 
-            @pl.when(i + 1 < seqs)
+            @pl.when(i + 1 < items)
             def _():
                 fetch(i + 1, 1 - slot)
 
-            results = step(ops, lambda name: stage_s[slot, launch.inputs.index(name)].astype(jnp.float32), acc_s)
+            results = step(ops, lambda name: stage_s[slot, launch.inputs.index(name)].astype(jnp.float32), acc_s,
+                           i % launch.chunks)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous outputs have left out_s
             for j, name in enumerate(launch.outputs):
                 out_s[j] = results[name].astype(out_s.dtype)
             plgpu.commit_smem()
             for j, g in enumerate(out_g):
-                plgpu.copy_smem_to_gmem(out_s.at[j, :half], g.at[h * launch.batch + tile * seqs + i])
+                plgpu.copy_smem_to_gmem(out_s.at[j, out_rows], g.at[first_row + i])
             return carry
 
-        jax.lax.fori_loop(0, seqs, sequence, 0)
+        jax.lax.fori_loop(0, items, sequence, 0)
         if launch.accumulates:
             plgpu.commit_smem()
             for part in range(2):
-                plgpu.copy_smem_to_gmem(acc_s.at[part], acc_g.at[2 * (h * (launch.batch // seqs) + tile) + part])
+                plgpu.copy_smem_to_gmem(acc_s.at[part],
+                                        acc_g.at[2 * (h * (launch.batch // launch.seqs) + tile) + part])
         plgpu.wait_smem_to_gmem(0)
 
     return body
@@ -209,20 +252,22 @@ def _program(launch: _Launch, step):
 class _Ops:
     """The transforms of one sequence, on (64, n2) fp32 register tiles, with shared memory as scratch."""
 
-    def __init__(self, const_s, spec_s, planes_s, inv_s, tiles_s, dtype, resident: bool):
-        self.first, self.cols_re, self.cols_im, self.cols_im_neg, self.last, tw_re, tw_im = const_s
-        elementwise = (tw_re, tw_im, spec_s.at[0], spec_s.at[1])
+    def __init__(self, const_s, spec_s, planes_s, inv_s, tiles_s, dtype, resident: bool, rows_in: int):
+        self.first, self.cols_re, self.cols_im, self.cols_im_neg, self.last = const_s[:5]
+        elementwise = (*const_s[5:7], spec_s.at[0], spec_s.at[1], *const_s[7:])  # tw_re, tw_im, K̂, [mask]
         if resident:  # loaded once, held in registers
             values = [ref[...] for ref in elementwise]
             self._get = values.__getitem__
         else:         # read from shared memory at each use
             self._get = lambda i: elementwise[i][...]
         self.planes_s, self.inv_s, self.tiles_s, self.dtype = planes_s, inv_s, tiles_s, dtype
+        self.rows_in = rows_in
 
     tw_re = property(lambda self: self._get(0))
     tw_im = property(lambda self: self._get(1))
     k_re = property(lambda self: self._get(2))
     k_im = property(lambda self: self._get(3))
+    second_half = property(lambda self: self._get(4))  # windows only: 1 on rows 32..63
 
     @staticmethod
     def _dot(pairs, rows, cols):
@@ -233,11 +278,12 @@ class _Ops:
         return pl.run_scoped(run, plgpu.ACC((rows, cols), jnp.float32))
 
     def transform(self, index: int, x):
-        """FFT_N of the real tile x (first 32 rows: the sequence) via tiles_s[index]: (Re, Im) at [k1, k2]."""
+        """FFT_N of the real tile x (its first `rows_in` rows; the rest is zero) via tiles_s[index]: (Re, Im)
+        at [k1, k2]."""
         n2, dt = x.shape[1], self.dtype
         self.tiles_s[index] = x.astype(dt)
         plgpu.commit_smem()
-        a = self._dot([(self.first, self.tiles_s.at[index, :ROWS // 2])], 2 * ROWS, n2)   # F₆₄·X, (Re; Im)
+        a = self._dot([(self.first, self.tiles_s.at[index, :self.rows_in])], 2 * ROWS, n2)  # F₆₄·X, (Re; Im)
         a_re, a_im = a[:ROWS], a[ROWS:]
         self.planes_s[0] = (a_re * self.tw_re - a_im * self.tw_im).astype(dt)         # ⊙ T
         self.planes_s[1] = (a_re * self.tw_im + a_im * self.tw_re).astype(dt)
@@ -268,9 +314,11 @@ class _Ops:
 
 def _forward_step(pre: bool, post: bool):
     """y = post ⊙ IFFT(FFT(pre ⊙ u)·K̂) for one sequence."""
-    def step(ops, tile, acc_s):
+    def step(ops, tile, acc_s, chunk):
         del acc_s
         x = tile("u") * tile("pre") if pre else tile("u")
+        if ops.rows_in == ROWS:  # an overlap-save window: chunk 0 has no previous chunk
+            x = x * jnp.maximum(ops.second_half, (chunk > 0).astype(jnp.float32))
         y = ops.inverse(*ops.filtered(*ops.transform(0, x)))
         return {"y": y * tile("post") if post else y}
     return step
@@ -278,7 +326,8 @@ def _forward_step(pre: bool, post: bool):
 
 def _backward_step(pre: bool, post: bool):
     """du, dpre, dpost for one sequence (dz = post ⊙ dy, dx = IFFT(conj(K̂)·DZ)); adds conj(X)·DZ to acc_s."""
-    def step(ops, tile, acc_s):
+    def step(ops, tile, acc_s, chunk):
+        del chunk
         u, dy = tile("u"), tile("dy")
         x = u * tile("pre") if pre else u
         x_re, x_im = ops.transform(0, x)
@@ -296,7 +345,38 @@ def _backward_step(pre: bool, post: bool):
     return step
 
 
-def _launch(kind: str, n2: int, batch: int, precision: str, io_dtype, pre: bool, post: bool,
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """How a (L, K) conv maps onto the kernel: FFT size N = 64·n2 per item; `chunks` items per sequence of
+    `padded` samples (dense: one item, the zero-padded sequence; overlap-save: chunks of C = N/2 samples,
+    each transformed as the window [previous chunk; chunk])."""
+    n2: int
+    chunks: int
+    padded: int
+
+    @property
+    def window(self) -> bool:
+        return self.chunks > 1
+
+
+OVERLAP_SAVE_MAX_CHUNK = 1024  # C; its 2C-point windows keep n2 <= 32 (shared memory, registers)
+
+
+def geometry(seqlen: int, ksize: int) -> Geometry:
+    """Overlap-save for a short filter (C = max(512, next_pow2(K)) <= 1024 and 4C <= L: any L), else
+    the dense conv of the whole sequence (L <= 2048); ValueError otherwise."""
+    chunk = max(MIN_LEN, 1 << (ksize - 1).bit_length())
+    if chunk <= OVERLAP_SAVE_MAX_CHUNK and 4 * chunk <= seqlen:
+        chunks = -(-seqlen // chunk)
+        return Geometry(n2=2 * chunk // ROWS, chunks=chunks, padded=chunks * chunk)
+    if seqlen > MAX_LEN:
+        raise ValueError(f"impl='mosaic' runs L <= {MAX_LEN}, or any L with a filter of K <= "
+                         f"{OVERLAP_SAVE_MAX_CHUNK} and K <= L/4 (overlap-save); got L={seqlen}, K={ksize}")
+    padded = padded_length(seqlen)
+    return Geometry(n2=2 * padded // ROWS, chunks=1, padded=padded)
+
+
+def _launch(kind: str, geo: Geometry, batch: int, precision: str, io_dtype, pre: bool, post: bool,
             tuning: Tuning = TUNING) -> _Launch:
     gates = ("pre",) * pre + ("post",) * post
     fields = dict(inputs=("u", *gates), outputs=("y",), transforms=1, accumulates=False)
@@ -304,9 +384,10 @@ def _launch(kind: str, n2: int, batch: int, precision: str, io_dtype, pre: bool,
         fields = dict(inputs=("u", *gates, "dy"), outputs=("du",) + ("dpre",) * pre + ("dpost",) * post,
                       transforms=2, accumulates=True)
     resident = tuning.constants_in_registers
-    return _Launch(n2=n2, batch=batch, seqs=_batch_tile(batch, tuning.seqs_per_program),
+    return _Launch(n2=geo.n2, batch=batch, seqs=_batch_tile(batch, tuning.seqs_per_program),
                    dtype=_OPERAND[precision], io_dtype=jnp.dtype(io_dtype),
-                   resident_constants=n2 <= 32 if resident is None else resident, **fields)
+                   resident_constants=geo.n2 <= 32 if resident is None else resident,
+                   chunks=geo.chunks, window=geo.window, **fields)
 
 
 def _interpret_params():
@@ -323,14 +404,18 @@ def _batch_tile(batch: int, target: int) -> int:
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes of dynamic shared memory one block may use on H100/H200
 
 
-def unsupported(seqlen: int, precision: str, in_dtype, gates: int = 2, kind: str = "forward") -> str | None:
-    """Why the `kind` kernel cannot run the case (None if it can): precision, length or shared memory."""
+def unsupported(seqlen: int, precision: str, in_dtype, gates: int = 2, kind: str = "forward",
+                ksize: int | None = None) -> str | None:
+    """Why the `kind` kernel cannot run the case (None if it can): precision, lengths or shared memory."""
     if precision not in PRECISIONS:
         return f"impl='mosaic' runs 16-bit tensor-core operands: precision 'bf16' or 'fp16', not {precision!r}"
-    if seqlen > MAX_LEN:
-        return f"impl='mosaic' runs L <= {MAX_LEN}; got L={seqlen}"
-    n2 = 2 * padded_length(seqlen) // ROWS
-    need = _launch(kind, n2, 1, precision, in_dtype, gates > 0, gates > 1).shared_memory_bytes()
+    try:
+        geo = geometry(seqlen, seqlen if ksize is None else ksize)
+    except ValueError as err:
+        return str(err)
+    if kind == "backward" and geo.window:
+        return "impl='mosaic' has no overlap-save backward kernel"
+    need = _launch(kind, geo, 1, precision, in_dtype, gates > 0, gates > 1).shared_memory_bytes()
     if need > SHARED_MEMORY_LIMIT:
         return (f"impl='mosaic' ({kind}) at L={seqlen} with {jnp.dtype(in_dtype).name} input and {gates} gate(s) "
                 f"needs {need // 1024} KiB of shared memory (limit {SHARED_MEMORY_LIMIT // 1024} KiB)")
@@ -338,12 +423,12 @@ def unsupported(seqlen: int, precision: str, in_dtype, gates: int = 2, kind: str
 
 
 def _run(launch: _Launch, step, tiles: dict, spec, *, channels: int, interpret: bool):
-    """Launch over (channels, batch tiles): tiles name -> (H·B, 32, n2) arrays; returns the output tiles
+    """Launch over (channels, batch tiles): tiles name -> (H·B·chunks, 32, n2) arrays; returns the output tiles
     (and the per-program Σ conj(X)·DZ, (H, tiles, 2, 64, n2), when the launch accumulates)."""
     n2, half = launch.n2, ROWS // 2
-    consts = _dft_constants(n2)
+    consts = _dft_constants(n2, launch.window)
     constants = ([jnp.asarray(consts[name], launch.dtype) for name in _MATRICES]
-                 + [jnp.asarray(consts[name], jnp.float32) for name in _TWIDDLES])
+                 + [jnp.asarray(consts[name], jnp.float32) for name in _elementwise(launch.window)])
     swizzle = min(n2, ROWS // 2) * jnp.dtype(launch.dtype).itemsize  # one swizzle for all dot operands
 
     def smem(shape, dt):  # tiled and swizzled: register tiles move in and out in the accumulator's layout
@@ -353,8 +438,8 @@ def _run(launch: _Launch, step, tiles: dict, spec, *, channels: int, interpret: 
     buffers = [smem(shape, dt) for shape, dt in launch.buffers()]
     scratch = [*buffers,
                plgpu.Barrier(num_barriers=len(constants) + 2),
-               plgpu.Barrier(num_arrivals=len(launch.inputs), num_barriers=2)]  # one arrival per tile copied
-    rows = channels * launch.batch
+               plgpu.Barrier(num_arrivals=launch.copies, num_barriers=2)]  # one arrival per copy
+    rows = channels * launch.batch * launch.chunks
     programs = launch.batch // launch.seqs
     out_type = [jax.ShapeDtypeStruct((rows, half, n2), launch.io_dtype) for _ in launch.outputs]
     if launch.accumulates:
@@ -371,14 +456,14 @@ def _run(launch: _Launch, step, tiles: dict, spec, *, channels: int, interpret: 
     return list(outs)
 
 
-def _hbl_tiles(layout: str, seqlen: int, padded: int, dtype, **arrays) -> dict:
-    """name -> (H·B, 32, n2) tiles of each (layout-ordered) array, zero-padded to `padded` samples."""
+def _hbl_tiles(layout: str, seqlen: int, geo: Geometry, dtype, **arrays) -> dict:
+    """name -> (H·B·chunks, 32, n2) tiles of each (layout-ordered) array, zero-padded to `geo.padded`."""
     tiles = {}
     for name, a in arrays.items():
         if a is not None:
             a = a if layout == "hbl" else jnp.transpose(a, (2, 0, 1))
-            a = jnp.pad(a.astype(dtype), ((0, 0), (0, 0), (0, padded - seqlen)))
-            tiles[name] = a.reshape(a.shape[0] * a.shape[1], ROWS // 2, 2 * padded // ROWS)
+            a = jnp.pad(a.astype(dtype), ((0, 0), (0, 0), (0, geo.padded - seqlen)))
+            tiles[name] = a.reshape(-1, ROWS // 2, geo.n2)
     return tiles
 
 
@@ -394,13 +479,12 @@ def _shape_hbl(u, layout: str) -> tuple[int, int, int]:
 
 def _forward(u, k, bias, pre, post, precision, layout, interpret, tuning):
     seqlen = u.shape[_conv.seq_axis(layout)]
-    padded = padded_length(seqlen)
+    geo = geometry(seqlen, k.shape[0])
     shape = _shape_hbl(u, layout)
-    launch = _launch("forward", 2 * padded // ROWS, shape[1], precision, u.dtype, pre is not None,
-                     post is not None, tuning)
-    tiles = _hbl_tiles(layout, seqlen, padded, u.dtype, u=u, pre=pre, post=post)
-    (y,) = _run(launch, _forward_step(pre is not None, post is not None), tiles, spectrum(k, bias, 2 * padded),
-                channels=shape[0], interpret=interpret)
+    launch = _launch("forward", geo, shape[1], precision, u.dtype, pre is not None, post is not None, tuning)
+    tiles = _hbl_tiles(layout, seqlen, geo, u.dtype, u=u, pre=pre, post=post)
+    (y,) = _run(launch, _forward_step(pre is not None, post is not None), tiles,
+                spectrum(k, bias, ROWS * geo.n2), channels=shape[0], interpret=interpret)
     return _from_tiles(y, shape, seqlen, layout)
 
 
@@ -425,14 +509,14 @@ def _conv_bwd(precision, layout, interpret, tuning, res, dy):
     u, k, bias, pre, post = res
     seqlen = u.shape[_conv.seq_axis(layout)]
     gates = (pre is not None) + (post is not None)
-    if unsupported(seqlen, precision, u.dtype, gates, "backward"):
+    if unsupported(seqlen, precision, u.dtype, gates, "backward", k.shape[0]):
         _, vjp = jax.vjp(_xla_in_layout(layout), *res)
         return vjp(dy)
-    padded = padded_length(seqlen)
-    n = 2 * padded
+    geo = geometry(seqlen, k.shape[0])
+    n = ROWS * geo.n2
     shape = _shape_hbl(u, layout)
-    launch = _launch("backward", n // ROWS, shape[1], precision, u.dtype, pre is not None, post is not None, tuning)
-    tiles = _hbl_tiles(layout, seqlen, padded, u.dtype, u=u, pre=pre, post=post, dy=dy)
+    launch = _launch("backward", geo, shape[1], precision, u.dtype, pre is not None, post is not None, tuning)
+    tiles = _hbl_tiles(layout, seqlen, geo, u.dtype, u=u, pre=pre, post=post, dy=dy)
     outs, acc = _run(launch, _backward_step(pre is not None, post is not None), tiles, spectrum(k, bias, n),
                      channels=shape[0], interpret=interpret)
     grads = {name: _from_tiles(t, shape, seqlen, layout) for name, t in zip(launch.outputs, outs)}
@@ -454,7 +538,7 @@ def fftconv_mosaic(u, k, bias=None, pre_gate=None, post_gate=None, *, precision:
     ``precision``: "bf16" or "fp16" operands; ValueError (`unsupported`) for a case it cannot run.
     ``interpret``: None = on CPU."""
     reason = unsupported(u.shape[_conv.seq_axis(layout)], precision, u.dtype,
-                         (pre_gate is not None) + (post_gate is not None))
+                         (pre_gate is not None) + (post_gate is not None), ksize=k.shape[0])
     if reason:
         raise ValueError(reason)
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
