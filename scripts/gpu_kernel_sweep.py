@@ -65,7 +65,7 @@ MOSAIC_VARIANTS = [("mosaic", {}), ("mosaic 16 seqs", {"seqs_per_program": 16}),
 GRAD_VARIANTS = ("xla", "default", "3-level fused")
 # The partial conv (K = L/16; groups "partial" and "partial fwdbwd") where the overlap-save kernels apply.
 PARTIAL_VARIANTS = [("xla", None), ("default", {}), ("overlap-add partial", {"overlap_save": False}),
-                    ("mosaic", {})]  # the Mosaic overlap-save forward (its gradient is jnp.fft's)
+                    ("mosaic", {})]  # the Mosaic overlap-save kernels
 FUSED_ONLY = ("fused ",)  # variants that change nothing on >= 3-stage plans, and vice versa
 INNER_ONLY = ("inner ", "fp32 planes")
 

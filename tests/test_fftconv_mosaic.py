@@ -120,11 +120,17 @@ def _grads_float64(u, k, bias, pre, post, w):
     (1000, 300, jnp.bfloat16, "both", "hbl", 10, None),  # two programs per channel: dk sums their spectra
     (512, 512, jnp.float32, "none", "blh", 4, False),    # twiddles and K̂ read from shared memory
     (700, 700, jnp.float16, "pre", "hbl", 4, True),
+    # overlap-save windows (the backward reads [x_c; 0], [dz_c; dz_c+1] and, for dpost, [x_c-1; x_c])
+    (2048, 100, jnp.bfloat16, "both", "blh", 2, None),   # C 512: 4 chunks
+    (3000, 300, jnp.float16, "post", "hbl", 3, None),    # 6 chunks, the last one padded
+    (4096, 1024, jnp.float32, "none", "blh", 2, None),   # C 1024, K = C
+    (2048, 512, jnp.bfloat16, "pre", "hbl", 4, False),
 ])
 def test_mosaic_gradients_match_float64(seqlen, ksize, dtype, gates, layout, batch, resident):
     u, k, bias, pre, post = make_inputs(batch, seqlen, 3, ksize, seed=5)
     w = make_inputs(batch, seqlen, 3, ksize, seed=6)[0]
-    pre, post = (pre if gates in ("both", "pre") else None), (post if gates == "both" else None)
+    pre, post = (pre if gates in ("both", "pre") else None), (post if gates in ("both", "post") else None)
+    assert mosaic.geometry(seqlen, ksize).window == (ksize <= seqlen // 4)
     rounded = [None if a is None else a.astype(dtype) for a in (u, pre, post)]
     to = _hbl if layout == "hbl" else (lambda a: a)
     precision = "fp16" if dtype == jnp.float16 else "bf16"
@@ -197,8 +203,15 @@ def test_overlap_save_kernel_lowers_for_cuda(seqlen, ksize, gated):
     def run(u, k, bias, pre, post):
         return mosaic.fftconv_mosaic(u, k, bias, pre, post, precision="bf16", layout="hbl", interpret=False)
 
+    def loss(*args):
+        return jnp.sum(run(*args).astype(jnp.float32))
+
+    args = (u, k, bias, gate, gate)
+    grad = jax.grad(loss, argnums=tuple(i for i, a in enumerate(args) if a is not None))
     assert mosaic.geometry(seqlen, ksize).window
-    assert "mosaic_gpu" in export.export(jax.jit(run), platforms=["cuda"])(u, k, bias, gate, gate).mlir_module()
+    assert "mosaic_gpu" in export.export(jax.jit(run), platforms=["cuda"])(*args).mlir_module()
+    assert mosaic.unsupported(seqlen, "bf16", jnp.bfloat16, 2 * gated, "backward", ksize) is None
+    assert "mosaic_gpu" in export.export(jax.jit(grad), platforms=["cuda"])(*args).mlir_module()
 
 
 def test_padded_length():

@@ -24,8 +24,8 @@ Implementations (all compute the same function; see kernels/fftconv/conv.py and 
   "direct"      no FFT: one (L, L) Toeplitz matmul per channel, O(L²) (kernels/fftconv/toeplitz.py), for
                 short sequences; no freq_mask.
   "mosaic"      Hopper wgmma kernels in Pallas Mosaic GPU (kernels/fftconv/mosaic.py): L <= 2048 forward and
-                backward in one pass each; any L with K <= min(1024, L/4) as one overlap-save forward pass
-                (gradient via jnp.fft); bf16/fp16 operands only, no freq_mask.
+                backward in one pass each; any L with K <= min(1024, L/4) as overlap-save windows (forward
+                and backward kernels); bf16/fp16 operands only, no freq_mask.
 Precision (`precision=`, matmul impls only; see kernels/fftconv/precision.py for the error bounds):
 "fp32" (alias "highest"), "bf16x3", "tf32" (GPU only), "fp16", "bf16"; None = the input dtype's own
 (bf16 → "bf16", fp16 → "fp16", fp32 → "fp32"). "xla" always computes an fp32 FFT (within every bound).

@@ -20,12 +20,15 @@ The D skip is folded into the spectrum (K̂ + bias is the spectrum of k + bias·
   is the second half of a 2C-point window whose first half is the previous chunk (zero before chunk 0):
   the first dot reads all 64 rows, and rows 32..63 of the inverse, which no wrap-around reaches since
   K ≤ C, are the chunk's output. Reads u and pre twice (as a chunk and as the next one's previous), post
-  and y once; any L (padded to a multiple of C). Its gradient is jnp.fft's.
+  and y once; any L (padded to a multiple of C).
 * backward: with dz = post ⊙ dy, dx = inverse(transform(dz)·conj(K̂)) gives du = pre ⊙ dx and
   dpre = u ⊙ dx; dpost = dy ⊙ inverse(transform(x)·K̂); each program adds conj(X)·DZ over its sequences
   in fp32 and XLA sums the programs' spectra and takes one inverse FFT for dk (lags < K) and dbias (lag 0).
   It reads u, the gates and dy once and writes du, dpre, dpost once. Where its buffers do not fit
   shared memory (L 2048 for 16-bit inputs) the gradient is jnp.fft's (`reference.fftconv_xla`).
+* backward, overlap-save (`_window_backward_step`): per chunk c, [dz_c; dz_c+1] gives dx_c (first half)
+  and, against [x_c; 0], the dk spectrum (lags < K ≤ C reach only the next chunk); dpost_c comes from the
+  forward window [x_c-1; x_c]. u and pre are read two or three times, dy and post twice (`PLACEMENTS`).
 
 Sizes: N = 64·n2 with n2 ∈ {16, 32, 64} (dense: L_pad = 512, 1024, 2048; shorter L is zero-padded to 512
 and L is padded to a power of two). Operands bf16 or fp16 (`precision`), error bounds as in `precision`.
@@ -60,8 +63,9 @@ _OPERAND = {"bf16": jnp.bfloat16, "fp16": jnp.float16}
 @dataclasses.dataclass(frozen=True)
 class Tuning:
     """Launch settings: sequences per program (a divisor of the batch is used); whether the twiddles and
-    the spectrum stay in registers for the whole program (4·64·n2/128 fp32 registers per thread) or are
-    read from shared memory at each use (None: in registers for n2 <= 32, i.e. L <= 1024)."""
+    the spectrum (and an overlap-save window's mask) stay in registers for the whole program (4 or 5
+    × 64·n2/128 fp32 registers per thread) or are read from shared memory at each use (None: in registers
+    for n2 <= 32, i.e. FFT size <= 2048)."""
     seqs_per_program: int = 8
     constants_in_registers: bool | None = None
 
@@ -121,22 +125,30 @@ def spectrum(k, bias, n: int):
     return jnp.stack([grid.real, grid.imag], axis=1)
 
 
+# Where an input tile's chunks go: (chunk offset, half) per TMA copy, half 0 = rows 0-31, 1 = rows 32-63.
+# "own": the item's chunk in the first half (a dense item's whole sequence); "window": [previous; own];
+# "ahead": [own; next]; "own twice": [own; own] (the step masks a half; both finite); "high": [·; own].
+PLACEMENTS = {"own": ((0, 0),), "window": ((-1, 0), (0, 1)), "ahead": ((0, 0), (1, 1)),
+              "own twice": ((0, 0), (0, 1)), "high": ((0, 1),)}
+
+
 @dataclasses.dataclass(frozen=True)
 class _Launch:
-    """Static shape of one kernel launch: per-sequence input and output tiles (by name), the real tiles
-    it transforms, and whether it also writes Σ conj(X)·DZ per program (the filter's gradient)."""
+    """Static shape of one kernel launch: per-item input tiles ((name, placement) in `PLACEMENTS`) and
+    output tiles ((name, half) of the tile that is stored), the real tiles it transforms, and whether it
+    also writes Σ conj(X)·DZ per program (the filter's gradient)."""
     n2: int
     batch: int
     seqs: int            # sequences per program (a divisor of batch)
     dtype: object        # dot operand dtype (bf16 / fp16)
     io_dtype: object     # dtype of the input and output tiles in memory
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    transforms: int      # real tiles transformed per sequence (x; x and dz)
+    inputs: tuple[tuple[str, str], ...]
+    outputs: tuple[tuple[str, int], ...]
+    transforms: int      # real tiles transformed per item
     accumulates: bool
     resident_constants: bool = True  # twiddles and K̂ in registers (`Tuning.constants_in_registers`)
     chunks: int = 1      # > 1: overlap-save, each sequence as chunks of 32·n2 samples, one 2-chunk window each
-    window: bool = False  # each item is a window [previous chunk; chunk] (rows 0-31; 32-63), outputs rows 32-63
+    window: bool = False  # overlap-save: the first DFT dot reads all 64 rows (a window of two chunks)
 
     @property
     def constant_names(self) -> tuple[str, ...]:
@@ -144,8 +156,8 @@ class _Launch:
 
     @property
     def copies(self) -> int:
-        """TMA copies per item: one per input tile, two (previous and own chunk) for windowed u and pre."""
-        return sum(2 if self.window and name != "post" else 1 for name in self.inputs)
+        """TMA copies per item (one arrival each on the item's barrier)."""
+        return sum(len(PLACEMENTS[placement]) for _, placement in self.inputs)
 
     def buffers(self) -> list[tuple[tuple[int, ...], object]]:
         """(shape, dtype) of every shared-memory buffer in the kernel's order; the DFT constants last."""
@@ -172,17 +184,17 @@ def _program(launch: _Launch, step):
     then `launch.seqs` sequences, the next one's input tiles copied while `step` computes the current one.
 
     An item is a sequence, or with `launch.chunks` > 1 one chunk of a sequence (GMEM row
-    (h·B + b)·chunks + c of each (H·B·chunks, 32, n2) input): items run in order, so a window's previous
-    chunk is the row before its own (chunk 0's is copied too and masked out by the step).
+    (h·B + b)·chunks + c of each (H·B·chunks, 32, n2) input): items run in order, so a chunk's neighbours
+    are the rows before and after its own (`PLACEMENTS`).
 
-    step(ops, tile, acc_s, chunk) -> {output name: (64, n2) fp32 value}; `tile(name)` loads an input tile,
+    step(ops, tile, acc_s, chunk) -> {output name: (64, n2) fp32 value}; `tile(name[, placement])` loads an
+    input tile,
     `ops` has the transforms (`_Ops`), acc_s is the Σ conj(X)·DZ buffer (or None), chunk the item's chunk
     index. Refs arrive as: inputs, spectrum, constants | outputs (then the accumulator) | scratch
     (`_Launch.buffers`), barriers."""
     half, n2 = ROWS // 2, launch.n2
     items = launch.seqs * launch.chunks
     n_in, n_out, n_const = len(launch.inputs), len(launch.outputs), len(launch.constant_names)
-    out_rows = slice(half, ROWS) if launch.window else slice(0, half)
 
     def body(*refs):
         in_g, spec_g, const_g = refs[:n_in], refs[n_in], refs[n_in + 1:n_in + 1 + n_const]
@@ -202,15 +214,14 @@ def _program(launch: _Launch, step):
         first_row = (h * launch.batch + tile * launch.seqs) * launch.chunks
 
         def fetch(i, slot):
-            row = first_row + i
-            for j, (name, g) in enumerate(zip(launch.inputs, in_g)):
-                if not launch.window:
-                    plgpu.copy_gmem_to_smem(g.at[row], stage_s.at[slot, j, :half], in_bars.at[slot])
-                    continue
-                if name != "post":  # the previous chunk (chunk 0: its own, masked out by the step)
-                    previous = row - jnp.asarray(i % launch.chunks > 0, jnp.int32)
-                    plgpu.copy_gmem_to_smem(g.at[previous], stage_s.at[slot, j, :half], in_bars.at[slot])
-                plgpu.copy_gmem_to_smem(g.at[row], stage_s.at[slot, j, half:], in_bars.at[slot])
+            chunk = i % launch.chunks
+            rows = {0: first_row + i,  # a missing neighbour (before chunk 0, after the last): the own chunk,
+                    -1: first_row + i - jnp.asarray(chunk > 0, jnp.int32),  # masked by the step
+                    1: first_row + i + jnp.asarray(chunk < launch.chunks - 1, jnp.int32)}
+            for j, ((_, placement), g) in enumerate(zip(launch.inputs, in_g)):
+                for offset, part in PLACEMENTS[placement]:
+                    plgpu.copy_gmem_to_smem(g.at[rows[offset]], stage_s.at[slot, j, half * part:half * (part + 1)],
+                                            in_bars.at[slot])
 
         fetch(0, 0)
         for i in range(n_const + 2):
@@ -228,14 +239,17 @@ def _program(launch: _Launch, step):
             def _():
                 fetch(i + 1, 1 - slot)
 
-            results = step(ops, lambda name: stage_s[slot, launch.inputs.index(name)].astype(jnp.float32), acc_s,
-                           i % launch.chunks)
+            def tile(name, placement=None):
+                j = next(j for j, (n, p) in enumerate(launch.inputs) if n == name and placement in (None, p))
+                return stage_s[slot, j].astype(jnp.float32)
+
+            results = step(ops, tile, acc_s, i % launch.chunks)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous outputs have left out_s
-            for j, name in enumerate(launch.outputs):
+            for j, (name, _) in enumerate(launch.outputs):
                 out_s[j] = results[name].astype(out_s.dtype)
             plgpu.commit_smem()
-            for j, g in enumerate(out_g):
-                plgpu.copy_smem_to_gmem(out_s.at[j, out_rows], g.at[first_row + i])
+            for j, ((_, part), g) in enumerate(zip(launch.outputs, out_g)):
+                plgpu.copy_smem_to_gmem(out_s.at[j, half * part:half * (part + 1)], g.at[first_row + i])
             return carry
 
         jax.lax.fori_loop(0, items, sequence, 0)
@@ -313,15 +327,21 @@ class _Ops:
 
 
 def _forward_step(pre: bool, post: bool):
-    """y = post ⊙ IFFT(FFT(pre ⊙ u)·K̂) for one sequence."""
+    """y = post ⊙ IFFT(FFT(pre ⊙ u)·K̂) for one sequence, or for one overlap-save window."""
     def step(ops, tile, acc_s, chunk):
         del acc_s
         x = tile("u") * tile("pre") if pre else tile("u")
-        if ops.rows_in == ROWS:  # an overlap-save window: chunk 0 has no previous chunk
+        if ops.rows_in == ROWS:  # an overlap-save window [previous; own]: chunk 0 has no previous chunk
             x = x * jnp.maximum(ops.second_half, (chunk > 0).astype(jnp.float32))
         y = ops.inverse(*ops.filtered(*ops.transform(0, x)))
         return {"y": y * tile("post") if post else y}
     return step
+
+
+def _accumulate(acc_s, x_re, x_im, dz_re, dz_im):
+    """acc_s += conj(X)·DZ (the spectrum of Σ_t x_t dz_{t+j}: the filter's gradient at lag j)."""
+    acc_s[0] = acc_s[0] + (x_re * dz_re + x_im * dz_im)
+    acc_s[1] = acc_s[1] + (x_re * dz_im - x_im * dz_re)
 
 
 def _backward_step(pre: bool, post: bool):
@@ -335,12 +355,37 @@ def _backward_step(pre: bool, post: bool):
         if post:
             out["dpost"] = dy * ops.inverse(*ops.filtered(x_re, x_im))      # dy ⊙ (k ∗ x + bias·x)
         dz_re, dz_im = ops.transform(1, dy * tile("post") if post else dy)
-        acc_s[0] = acc_s[0] + (x_re * dz_re + x_im * dz_im)                  # conj(X)·DZ
-        acc_s[1] = acc_s[1] + (x_re * dz_im - x_im * dz_re)
+        _accumulate(acc_s, x_re, x_im, dz_re, dz_im)
         dx = ops.inverse(*ops.filtered(dz_re, dz_im, conjugate=True))
         out["du"] = dx * tile("pre") if pre else dx
         if pre:
             out["dpre"] = dx * u
+        return out
+    return step
+
+
+def _window_backward_step(pre: bool, post: bool, chunks: int):
+    """Overlap-save gradients of chunk c (K ≤ C): with dz = post ⊙ dy, the window [dz_c; dz_c+1] gives
+    dx_c = the first half of IFFT(conj(K̂)·DZ) and, against [x_c; 0], conj(X)·DZ for dk (lags < K ≤ C
+    reach only dz_c+1); dpost_c = dy_c ⊙ the second half of IFFT(K̂·FFT([x_c-1; x_c]))."""
+    def step(ops, tile, acc_s, chunk):
+        first_half = 1.0 - ops.second_half
+        u = tile("u", "own twice")
+        x = u * tile("pre", "own twice") if pre else u
+        x_re, x_im = ops.transform(0, x * first_half)                          # [x_c; 0]
+        dz = tile("dy", "ahead") * tile("post", "ahead") if post else tile("dy", "ahead")
+        dz = dz * jnp.maximum(first_half, (chunk < chunks - 1).astype(jnp.float32))  # [dz_c; dz_c+1]
+        dz_re, dz_im = ops.transform(1, dz)
+        _accumulate(acc_s, x_re, x_im, dz_re, dz_im)
+        dx = ops.inverse(*ops.filtered(dz_re, dz_im, conjugate=True))          # rows 0-31: dx_c
+        out = {"du": dx * tile("pre", "own twice") if pre else dx}
+        if pre:
+            out["dpre"] = dx * u
+        if post:
+            window = tile("u", "window") * tile("pre", "window") if pre else tile("u", "window")
+            window = window * jnp.maximum(ops.second_half, (chunk > 0).astype(jnp.float32))
+            y = ops.inverse(*ops.filtered(*ops.transform(2, window)))          # rows 32-63: (k ∗ x)_c + bias·x_c
+            out["dpost"] = tile("dy", "high") * y
         return out
     return step
 
@@ -379,13 +424,22 @@ def geometry(seqlen: int, ksize: int) -> Geometry:
 def _launch(kind: str, geo: Geometry, batch: int, precision: str, io_dtype, pre: bool, post: bool,
             tuning: Tuning = TUNING) -> _Launch:
     gates = ("pre",) * pre + ("post",) * post
-    fields = dict(inputs=("u", *gates), outputs=("y",), transforms=1, accumulates=False)
-    if kind == "backward":
-        fields = dict(inputs=("u", *gates, "dy"), outputs=("du",) + ("dpre",) * pre + ("dpost",) * post,
-                      transforms=2, accumulates=True)
+    if kind == "forward":
+        inputs = [("u", "window"), ("pre", "window"), ("post", "high")] if geo.window else \
+                 [("u", "own"), ("pre", "own"), ("post", "own")]
+        fields = dict(inputs=tuple((n, p) for n, p in inputs if n == "u" or n in gates),
+                      outputs=(("y", 1 if geo.window else 0),), transforms=1)
+    elif geo.window:
+        inputs = [("u", "own twice"), ("pre", "own twice"), ("dy", "ahead"), ("post", "ahead")]
+        inputs += [("u", "window"), ("pre", "window"), ("dy", "high")] if post else []
+        fields = dict(inputs=tuple((n, p) for n, p in inputs if n in ("u", "dy") or n in gates),
+                      outputs=(("du", 0),) + (("dpre", 0),) * pre + (("dpost", 1),) * post, transforms=2 + post)
+    else:
+        fields = dict(inputs=tuple((n, "own") for n in ("u", *gates, "dy")),
+                      outputs=tuple((n, 0) for n in ("du",) + ("dpre",) * pre + ("dpost",) * post), transforms=2)
     resident = tuning.constants_in_registers
     return _Launch(n2=geo.n2, batch=batch, seqs=_batch_tile(batch, tuning.seqs_per_program),
-                   dtype=_OPERAND[precision], io_dtype=jnp.dtype(io_dtype),
+                   dtype=_OPERAND[precision], io_dtype=jnp.dtype(io_dtype), accumulates=kind == "backward",
                    resident_constants=geo.n2 <= 32 if resident is None else resident,
                    chunks=geo.chunks, window=geo.window, **fields)
 
@@ -413,8 +467,6 @@ def unsupported(seqlen: int, precision: str, in_dtype, gates: int = 2, kind: str
         geo = geometry(seqlen, seqlen if ksize is None else ksize)
     except ValueError as err:
         return str(err)
-    if kind == "backward" and geo.window:
-        return "impl='mosaic' has no overlap-save backward kernel"
     need = _launch(kind, geo, 1, precision, in_dtype, gates > 0, gates > 1).shared_memory_bytes()
     if need > SHARED_MEMORY_LIMIT:
         return (f"impl='mosaic' ({kind}) at L={seqlen} with {jnp.dtype(in_dtype).name} input and {gates} gate(s) "
@@ -449,7 +501,7 @@ def _run(launch: _Launch, step, tiles: dict, spec, *, channels: int, interpret: 
         grid=(channels, programs), grid_names=("h", "b"),
         scratch_types=scratch, compiler_params=plgpu.CompilerParams(),
         interpret=_interpret_params() if interpret else None)
-    outs = kernel(*[tiles[name] for name in launch.inputs], spec.reshape(channels * 2, ROWS, n2), *constants)
+    outs = kernel(*[tiles[name] for name, _ in launch.inputs], spec.reshape(channels * 2, ROWS, n2), *constants)
     if launch.accumulates:
         *outs, acc = outs
         return list(outs), acc.reshape(channels, programs, 2, ROWS, n2)
@@ -517,9 +569,10 @@ def _conv_bwd(precision, layout, interpret, tuning, res, dy):
     shape = _shape_hbl(u, layout)
     launch = _launch("backward", geo, shape[1], precision, u.dtype, pre is not None, post is not None, tuning)
     tiles = _hbl_tiles(layout, seqlen, geo, u.dtype, u=u, pre=pre, post=post, dy=dy)
-    outs, acc = _run(launch, _backward_step(pre is not None, post is not None), tiles, spectrum(k, bias, n),
-                     channels=shape[0], interpret=interpret)
-    grads = {name: _from_tiles(t, shape, seqlen, layout) for name, t in zip(launch.outputs, outs)}
+    step = (_window_backward_step(pre is not None, post is not None, geo.chunks) if geo.window
+            else _backward_step(pre is not None, post is not None))
+    outs, acc = _run(launch, step, tiles, spectrum(k, bias, n), channels=shape[0], interpret=interpret)
+    grads = {name: _from_tiles(t, shape, seqlen, layout) for (name, _), t in zip(launch.outputs, outs)}
     dspec = acc.sum(axis=1)                                                   # (H, 2, k1, k2)
     dspec = (dspec[:, 0] + 1j * dspec[:, 1]).transpose(0, 2, 1).reshape(shape[0], n)  # natural frequency order
     dk_full = jnp.fft.ifft(dspec, axis=1).real                               # (H, N): Σ_b corr(x_b, dz_b)
