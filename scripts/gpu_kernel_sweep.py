@@ -129,6 +129,14 @@ def main() -> int:
                 ksize = seqlen // 16 if group.startswith("partial") else seqlen
                 row = dict(L=seqlen, K=ksize, B=batch, H=channels, layout=layout, group=group, variant=label,
                            tuning=changes)
+                if label.startswith("mosaic"):
+                    reason = mosaic.unsupported(seqlen, "bf16", jnp.bfloat16, ksize=ksize)
+                    if reason:
+                        rows.append({**row, "skipped": reason})
+                        continue
+                    row["smem_kib"] = {kind: mosaic.shared_memory_bytes(seqlen, ksize, "bf16", jnp.bfloat16, 2,
+                                                                        kind) / 1024  # programs per SM ≤ 227 / this
+                                       for kind in ("forward", "backward")}
                 if time.perf_counter() - t_start > args.budget_s:
                     rows.append({**row, "skipped": "time budget"})
                     continue
@@ -172,17 +180,18 @@ def main() -> int:
             fh.write(json.dumps(r) + "\n")
     lines = [f"# Pallas launch-setting sweep on {info['device_kind']} ({info['backend']})", "",
              f"Machine: `{json.dumps(info)}`. bf16 gated conv, forward (fwd), forward+backward (fwdbwd), the "
-             "partial conv K = L/16 (partial, partial fwdbwd); × jnp.fft = jnp.fft time / this time.", "",
-             "| L | K | B×H | layout | group | variant | ms | × jnp.fft | rel. L2 vs default |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "partial conv K = L/16 (partial, partial fwdbwd); × jnp.fft = jnp.fft time / this time; SMEM: "
+             "shared memory of one Mosaic program, forward/backward.", "",
+             "| L | K | B×H | layout | group | variant | ms | × jnp.fft | rel. L2 vs default | SMEM KiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         note = r.get("skipped") or r.get("error")
         ms = f"{r['ms']:.3f}" if note is None else note[:60]
         speed = f"{r['speed_vs_jnpfft']:.2f}" if r.get("speed_vs_jnpfft") else "-"
         err = f"{r['rel_l2_vs_default']:.1e}" if r.get("rel_l2_vs_default") is not None else "-"
+        smem = "/".join(f"{v:.0f}" for v in r["smem_kib"].values()) if "smem_kib" in r else "-"
         lines.append(f"| {r['L']} | {r['K']} | {r['B']}×{r['H']} | {r['layout']} | {r['group']} | {r['variant']} | "
-                     f"{ms} | {speed} | "
-                     f"{err} |")
+                     f"{ms} | {speed} | {err} | {smem} |")
     Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(rows, info, Path(f"{stem}.png"))
     log(f"wrote {stem}.jsonl, .md, .png")

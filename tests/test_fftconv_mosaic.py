@@ -244,3 +244,5 @@ def test_mosaic_rejects_what_does_not_fit_shared_memory():
     with pytest.raises(FFTConvError, match="needs 264 KiB of shared memory \\(limit 227 KiB\\)"):
         fftconv(u, k, pre_gate=u, post_gate=u, impl="mosaic", precision="bf16")
     assert mosaic.unsupported(2048, "bf16", jnp.bfloat16, 2) is None  # the headline case fits (208 KiB)
+    assert mosaic.shared_memory_bytes(2048, 2048, "bf16", jnp.bfloat16) == 208 * 1024
+    assert mosaic.shared_memory_bytes(1024, 1024, "bf16", jnp.bfloat16) == 110 * 1024  # two programs per SM

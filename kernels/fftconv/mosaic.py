@@ -169,7 +169,7 @@ class _Launch:
             ((2, ROWS, n2), jnp.float32),                     # K̂ (Re, Im)
             ((2, ROWS, n2), self.dtype),                      # complex planes between the column dots
             ((2 * ROWS, n2), self.dtype),                     # [Re W; Im W], the last dot's operand
-            ((len(self.outputs), ROWS, n2), self.io_dtype),   # output tiles (first half stored)
+            ((len(self.outputs), ROWS, n2), self.io_dtype),   # output tiles (one half of each stored)
             *[((2, ROWS, n2), jnp.float32)] * self.accumulates,  # Σ conj(X)·DZ
             *[(consts[name].shape, self.dtype) for name in _MATRICES],
             *[(consts[name].shape, jnp.float32) for name in _elementwise(self.window)],
@@ -181,16 +181,15 @@ class _Launch:
 
 def _program(launch: _Launch, step):
     """Kernel body for one (channel h, batch tile) program: DFT constants and h's spectrum loaded once,
-    then `launch.seqs` sequences, the next one's input tiles copied while `step` computes the current one.
+    then its items in order, the next item's input tiles copied while `step` computes the current one.
 
     An item is a sequence, or with `launch.chunks` > 1 one chunk of a sequence (GMEM row
     (h·B + b)·chunks + c of each (H·B·chunks, 32, n2) input): items run in order, so a chunk's neighbours
     are the rows before and after its own (`PLACEMENTS`).
 
-    step(ops, tile, acc_s, chunk) -> {output name: (64, n2) fp32 value}; `tile(name[, placement])` loads an
-    input tile,
-    `ops` has the transforms (`_Ops`), acc_s is the Σ conj(X)·DZ buffer (or None), chunk the item's chunk
-    index. Refs arrive as: inputs, spectrum, constants | outputs (then the accumulator) | scratch
+    step(ops, tile, acc_s, chunk) -> {output name: (64, n2) fp32 value}; `tile(name[, placement])` loads
+    an input tile, `ops` has the transforms (`_Ops`), acc_s is the Σ conj(X)·DZ buffer (or None), chunk
+    the item's chunk index. Refs arrive as: inputs, spectrum, constants | outputs (then the accumulator) | scratch
     (`_Launch.buffers`), barriers."""
     half, n2 = ROWS // 2, launch.n2
     items = launch.seqs * launch.chunks
@@ -231,7 +230,7 @@ def _program(launch: _Launch, step):
         if launch.accumulates:  # zeros in the accumulator's register layout (a splat cannot be stored there)
             acc_s[0] = acc_s[1] = ops.tw_re * 0.0
 
-        def sequence(i, carry):
+        def item(i, carry):
             slot = i % 2
             plgpu.barrier_wait(in_bars.at[slot])
 
@@ -252,7 +251,7 @@ def _program(launch: _Launch, step):
                 plgpu.copy_smem_to_gmem(out_s.at[j, half * part:half * (part + 1)], g.at[first_row + i])
             return carry
 
-        jax.lax.fori_loop(0, items, sequence, 0)
+        jax.lax.fori_loop(0, items, item, 0)
         if launch.accumulates:
             plgpu.commit_smem()
             for part in range(2):
@@ -458,16 +457,23 @@ def _batch_tile(batch: int, target: int) -> int:
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes of dynamic shared memory one block may use on H100/H200
 
 
+def shared_memory_bytes(seqlen: int, ksize: int, precision: str, in_dtype, gates: int = 2,
+                        kind: str = "forward") -> int:
+    """Shared memory one program of the `kind` kernel uses (a launch's occupancy: 227 KiB per SM)."""
+    launch = _launch(kind, geometry(seqlen, ksize), 1, precision, in_dtype, gates > 0, gates > 1)
+    return launch.shared_memory_bytes()
+
+
 def unsupported(seqlen: int, precision: str, in_dtype, gates: int = 2, kind: str = "forward",
                 ksize: int | None = None) -> str | None:
     """Why the `kind` kernel cannot run the case (None if it can): precision, lengths or shared memory."""
     if precision not in PRECISIONS:
         return f"impl='mosaic' runs 16-bit tensor-core operands: precision 'bf16' or 'fp16', not {precision!r}"
+    ksize = seqlen if ksize is None else ksize
     try:
-        geo = geometry(seqlen, seqlen if ksize is None else ksize)
+        need = shared_memory_bytes(seqlen, ksize, precision, in_dtype, gates, kind)
     except ValueError as err:
         return str(err)
-    need = _launch(kind, geo, 1, precision, in_dtype, gates > 0, gates > 1).shared_memory_bytes()
     if need > SHARED_MEMORY_LIMIT:
         return (f"impl='mosaic' ({kind}) at L={seqlen} with {jnp.dtype(in_dtype).name} input and {gates} gate(s) "
                 f"needs {need // 1024} KiB of shared memory (limit {SHARED_MEMORY_LIMIT // 1024} KiB)")
