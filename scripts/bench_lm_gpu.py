@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--matmul-size", type=int, default=None, help="peak matmul size (default 8192; --tiny 256)")
     parser.add_argument("--fftconv-impls", default="auto",
-                        help="comma-separated fftconv impls for the Hyena rows (auto, xla, xla-matmul, pallas; mosaic for L <= 2048)")
+                        help="comma-separated fftconv impls for the Hyena rows "
+                             "(auto, xla, xla-matmul, pallas; mosaic for L <= 2048)")
     parser.add_argument("--hyena-layouts", default="blh",
                         help="comma-separated Hyena activation layouts (model.mixer.layout: blh, hbl)")
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: run one row, print JSON

@@ -86,12 +86,13 @@ def reference(u, k, bias, pre, post, freq_mask=None):
 
 
 def variants(dtype: str, smoke: bool = False):
-    """(impl, precision) pairs checked for this input dtype; "xla" ignores precision. Smoke: pallas
-    only, at the default precision (and bf16x3 for fp32)."""
+    """(impl, precision) pairs checked for this input dtype; "xla" ignores precision, "mosaic" takes the
+    16-bit settings only. Smoke: pallas and mosaic, at the default precision (and bf16x3 for fp32)."""
     out = [("xla", None)]
     for impl in ("pallas", "mosaic") if smoke else ("xla-matmul", "pallas", "mosaic"):
         for p in DTYPE_PRECISIONS[dtype][: (2 if dtype == "float32" else 1) if smoke else None]:
-            if (p in prec.GPU_ONLY and jax.default_backend() == "tpu") or (impl == "mosaic" and p not in mosaic.PRECISIONS):
+            gpu_only = p in prec.GPU_ONLY and jax.default_backend() == "tpu"
+            if gpu_only or (impl == "mosaic" and p not in mosaic.PRECISIONS):
                 continue
             out.append((impl, p))
     return out
@@ -160,12 +161,12 @@ def bench_plan(shapes, smoke):
     lens = sorted(shapes)
     plan = []
     headline = (("xla", None), ("pallas", "bf16")) + (() if smoke else (("xla-matmul", "bf16"), ("pallas", "fp16")))
-    for seqlen in lens:  # 1. the headline: bf16 gated forward (the Mosaic kernel where it runs)
-        mosaic_row = (("mosaic", "bf16"),) if runs("mosaic", "bf16", seqlen, seqlen, None, "bfloat16") else ()
-        plan += [("fwd", seqlen, "bfloat16", "dense", impl, p) for impl, p in headline + mosaic_row]
+    mosaic_row = {seqlen: (("mosaic", "bf16"),) if runs("mosaic", "bf16", seqlen, seqlen, None, "bfloat16") else ()
+                  for seqlen in lens}  # the Mosaic kernels where they run
+    for seqlen in lens:  # 1. the headline: bf16 gated forward
+        plan += [("fwd", seqlen, "bfloat16", "dense", impl, p) for impl, p in headline + mosaic_row[seqlen]]
     for seqlen in lens:  # 2. forward + backward
-        mosaic_row = (("mosaic", "bf16"),) if runs("mosaic", "bf16", seqlen, seqlen, None, "bfloat16") else ()
-        plan += [("fwdbwd", seqlen, "bfloat16", "dense", impl, p) for impl, p in headline[:2] + mosaic_row]
+        plan += [("fwdbwd", seqlen, "bfloat16", "dense", impl, p) for impl, p in headline[:2] + mosaic_row[seqlen]]
     mode_lens = lens[:1] if smoke else [s for s in lens if s in (4096, 16384)]
     mode_impls = ("pallas",) if smoke else ("pallas", "xla-matmul")
     for seqlen in mode_lens:  # 3. partial and frequency-sparse against the same impl's dense row
