@@ -25,7 +25,7 @@ The D skip is folded into the spectrum (K̂ + bias is the spectrum of k + bias·
   dpre = u ⊙ dx; dpost = dy ⊙ inverse(transform(x)·K̂); each program adds conj(X)·DZ over its sequences
   in fp32 and XLA sums the programs' spectra and takes one inverse FFT for dk (lags < K) and dbias (lag 0).
   It reads u, the gates and dy once and writes du, dpre, dpost once. Where its buffers do not fit
-  shared memory (L 2048 for 16-bit inputs) the gradient is jnp.fft's (`reference.fftconv_xla`).
+  shared memory (L 2048 for 16-bit inputs) the gradient is jnp.fft's (impl "xla").
 * backward, overlap-save (`_window_backward_step`): per chunk c, [dz_c; dz_c+1] gives dx_c (first half)
   and, against [x_c; 0], the dk spectrum (lags < K ≤ C reach only the next chunk); dpost_c comes from the
   forward window [x_c-1; x_c]. u and pre are read two or three times, dy and post twice (`PLACEMENTS`).
@@ -50,7 +50,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kernels.fftconv import conv as _conv
-from kernels.fftconv.reference import fftconv_xla
 
 ROWS = 64                  # first factor of N: the wgmma M of one plane
 COLUMNS = (16, 32, 64)     # second factor n2 (N = 64·n2)
@@ -148,7 +147,11 @@ class _Launch:
     accumulates: bool
     resident_constants: bool = True  # twiddles and K̂ in registers (`Tuning.constants_in_registers`)
     chunks: int = 1      # > 1: overlap-save, each sequence as chunks of 32·n2 samples, one 2-chunk window each
-    window: bool = False  # overlap-save: the first DFT dot reads all 64 rows (a window of two chunks)
+
+    @property
+    def window(self) -> bool:
+        """Overlap-save: the first DFT dot reads all 64 rows (a window of two chunks)."""
+        return self.chunks > 1
 
     @property
     def constant_names(self) -> tuple[str, ...]:
@@ -440,7 +443,7 @@ def _launch(kind: str, geo: Geometry, batch: int, precision: str, io_dtype, pre:
     return _Launch(n2=geo.n2, batch=batch, seqs=_batch_tile(batch, tuning.seqs_per_program),
                    dtype=_OPERAND[precision], io_dtype=jnp.dtype(io_dtype), accumulates=kind == "backward",
                    resident_constants=geo.n2 <= 32 if resident is None else resident,
-                   chunks=geo.chunks, window=geo.window, **fields)
+                   chunks=geo.chunks, **fields)
 
 
 def _interpret_params():
@@ -555,20 +558,17 @@ def _conv_fwd(u, k, bias, pre, post, precision, layout, interpret, tuning):
     return _forward(u, k, bias, pre, post, precision, layout, interpret, tuning), (u, k, bias, pre, post)
 
 
-def _xla_in_layout(layout):
-    """fftconv_xla taking and returning `layout` (the gradient where the backward kernel does not fit)."""
-    def run(u, k, bias, pre, post):
-        u, pre, post = (_conv.as_blh(a, layout) for a in (u, pre, post))
-        return _conv.from_blh(fftconv_xla(u, k, bias, pre, post), layout)
-    return run
-
-
 def _conv_bwd(precision, layout, interpret, tuning, res, dy):
     u, k, bias, pre, post = res
     seqlen = u.shape[_conv.seq_axis(layout)]
     gates = (pre is not None) + (post is not None)
     if unsupported(seqlen, precision, u.dtype, gates, "backward", k.shape[0]):
-        _, vjp = jax.vjp(_xla_in_layout(layout), *res)
+        from kernels.fftconv.api import fftconv  # the public op (it imports this module on first use)
+
+        def xla(u, k, bias, pre, post):
+            return fftconv(u, k, bias, pre_gate=pre, post_gate=post, impl="xla", layout=layout)
+
+        _, vjp = jax.vjp(xla, *res)
         return vjp(dy)
     geo = geometry(seqlen, k.shape[0])
     n = ROWS * geo.n2
